@@ -1,0 +1,10 @@
+"""nn.Modules only: encoders, pooling, heads, losses, and build_model(config)."""
+from models import components  # noqa: F401 - registers the built-in components
+from models.classifier import SpeakerClassifier, build_model, count_parameters, padding_mask
+from models.config import ModelConfig
+from models.registry import ACTIVATIONS, ENCODERS, HEADS, LOSSES, POOLINGS, ConfigError, Registry
+
+__all__ = [
+    "ACTIVATIONS", "ENCODERS", "HEADS", "LOSSES", "POOLINGS", "ConfigError", "ModelConfig", "Registry",
+    "SpeakerClassifier", "build_model", "count_parameters", "padding_mask",
+]

@@ -1,0 +1,39 @@
+"""The speaker classifier assembled from registered components, and build_model()."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.config import ModelConfig
+from models.registry import ENCODERS, HEADS, LOSSES, POOLINGS
+
+
+def padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(B, T) bool, True on padded frames."""
+    return torch.arange(max_len, device=lengths.device)[None, :] >= lengths[:, None]
+
+
+class SpeakerClassifier(nn.Module):
+    """features (B, T, n_mels) + lengths (B,) -> logits (B, n_classes); `criterion` turns logits into the loss."""
+
+    def __init__(self, cfg: ModelConfig, n_mels: int, n_classes: int) -> None:
+        super().__init__()
+        self.config = cfg
+        self.prenet = nn.Linear(n_mels, cfg.d_model)
+        self.encoder = ENCODERS.build(cfg.encoder, cfg)
+        self.pooling = POOLINGS.build(cfg.pooling, cfg)
+        self.head = HEADS.build(cfg.head_kind, cfg, self.pooling.out_dim, n_classes)
+        self.criterion = LOSSES.build(cfg.loss, cfg)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        mask = padding_mask(lengths, x.shape[1])
+        h = self.encoder(self.prenet(x), mask)  # (B, T, D)
+        return self.head(self.pooling(h, mask))  # (B, C)
+
+
+def build_model(cfg: ModelConfig, n_mels: int, n_classes: int) -> SpeakerClassifier:
+    return SpeakerClassifier(cfg, n_mels, n_classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

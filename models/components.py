@@ -1,0 +1,73 @@
+"""Encoders, poolings, heads and losses, each registered under the name a study file uses.
+
+Shapes at the seams: features (B, T, n_mels) -> encoder (B, T, D) -> pooling (B, D') -> head (B, C).
+`mask` is (B, T) bool with True on padded frames (PyTorch's key_padding_mask convention).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.config import ModelConfig
+from models.registry import ACTIVATIONS, ENCODERS, HEADS, LOSSES, POOLINGS
+
+for _name, _cls in {"relu": nn.ReLU, "gelu": nn.GELU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "silu": nn.SiLU}.items():
+    ACTIVATIONS.register(_name)(_cls)
+
+
+class TransformerEncoder(nn.Module):
+    """Batch-first Transformer encoder layers (the sample code's, stacked) honouring the padding mask."""
+
+    def __init__(self, d_model: int, nhead: int, n_layers: int, dim_feedforward: int, dropout: float) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(
+            d_model, nhead, dim_feedforward=dim_feedforward, dropout=dropout, batch_first=True
+        )
+        # The nested-tensor fast path drops padded positions and is not used in training anyway.
+        self.layers = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.layers(x, src_key_padding_mask=mask)  # (B, T, D)
+
+
+@ENCODERS.register("transformer")
+def _transformer(cfg: ModelConfig) -> nn.Module:
+    return TransformerEncoder(cfg.d_model, cfg.nhead, cfg.n_layers, cfg.dim_feedforward, cfg.dropout)
+
+
+class MeanPooling(nn.Module):
+    """Mean over the valid frames only (the sample code averaged the padding too)."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.out_dim = d_model
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        keep = (~mask).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+        return (x * keep).sum(1) / keep.sum(1).clamp_min(1.0)  # (B, D)
+
+
+@POOLINGS.register("mean")
+def _mean(cfg: ModelConfig) -> nn.Module:
+    return MeanPooling(cfg.d_model)
+
+
+@HEADS.register("linear")
+def _linear(cfg: ModelConfig, in_dim: int, n_classes: int) -> nn.Module:
+    return nn.Linear(in_dim, n_classes)
+
+
+@HEADS.register("mlp")
+def _mlp(cfg: ModelConfig, in_dim: int, n_classes: int) -> nn.Module:
+    layers: list[nn.Module] = []
+    for hidden in cfg.head_hidden:
+        layers += [nn.Linear(in_dim, hidden), ACTIVATIONS.build(cfg.head_activation)]
+        if cfg.head_dropout:
+            layers.append(nn.Dropout(cfg.head_dropout))
+        in_dim = hidden
+    return nn.Sequential(*layers, nn.Linear(in_dim, n_classes))
+
+
+@LOSSES.register("ce")
+def _cross_entropy(cfg: ModelConfig) -> nn.Module:
+    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)

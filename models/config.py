@@ -1,0 +1,90 @@
+"""The plain, frozen description of a model: every field is a study-file key under [model]."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from models.registry import ACTIVATIONS, ENCODERS, HEADS, LOSSES, POOLINGS, ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    encoder: str = "transformer"
+    d_model: int = 80
+    nhead: int = 2
+    n_layers: int = 1
+    ff_mult: float = 3.2  # feed-forward width = round(ff_mult * d_model); 3.2 gives the sample's 256
+    dropout: float = 0.1
+    pooling: str = "mean"
+    head: str = "linear"  # "linear" or "mlp-H1[-H2...]" (hidden sizes)
+    head_activation: str = "relu"
+    head_dropout: float = 0.0
+    loss: str = "ce"
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key in ("encoder", "pooling", "head", "head_activation", "loss"):
+            _require(isinstance(getattr(self, key), str), key, getattr(self, key), "a string")
+        for key in ("d_model", "nhead", "n_layers"):
+            value = getattr(self, key)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, key, value, "a positive integer")
+        if self.d_model % self.nhead:
+            divisors = [n for n in range(1, self.d_model + 1) if self.d_model % n == 0]
+            raise ConfigError(
+                f"model.nhead={self.nhead} must divide model.d_model={self.d_model}; "
+                f"valid nhead: {', '.join(map(str, divisors))}"
+            )
+        _require(_is_number(self.ff_mult) and self.ff_mult > 0, "ff_mult", self.ff_mult, "a positive number")
+        for key in ("dropout", "head_dropout", "label_smoothing"):
+            value = getattr(self, key)
+            _require(_is_number(value) and 0 <= value < 1, key, value, "a number in [0, 1)")
+        ENCODERS.check(self.encoder, "model.encoder")
+        POOLINGS.check(self.pooling, "model.pooling")
+        HEADS.check(self.head_kind, "model.head")
+        ACTIVATIONS.check(self.head_activation, "model.head_activation")
+        LOSSES.check(self.loss, "model.loss")
+        self.head_hidden  # noqa: B018 - parses the layout, raising on a malformed one
+
+    @property
+    def dim_feedforward(self) -> int:
+        return max(1, round(self.ff_mult * self.d_model))
+
+    @property
+    def head_kind(self) -> str:
+        return self.head.split("-", 1)[0]
+
+    @property
+    def head_hidden(self) -> tuple[int, ...]:
+        """Hidden sizes of an "mlp-256-128" layout; () for "linear"."""
+        parts = self.head.split("-")[1:]
+        if not all(p.isdigit() and int(p) > 0 for p in parts) or (self.head_kind == "mlp") != bool(parts):
+            raise ConfigError(
+                f"model.head={self.head!r} is not a head layout; valid: 'linear' or 'mlp-H1[-H2...]' "
+                "with positive hidden sizes, e.g. 'mlp-256'"
+            )
+        return tuple(int(p) for p in parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], section: str = "model") -> ModelConfig:
+        return cls(**known_keys(cls, values, section))
+
+
+def known_keys(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
+    """Refuse unknown keys with the list of valid ones (a typo must not be silently ignored)."""
+    valid = [f.name for f in fields(cls)]
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown key {section}.{unknown[0]}; valid keys: {', '.join(valid)}")
+    return dict(values)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require(ok: bool, key: str, value: Any, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"model.{key}={value!r} must be {what}")

@@ -1,0 +1,71 @@
+"""Trials as a pandas DataFrame, built straight from the stored trials (fast on large studies)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pandas as pd
+
+ATTR_COLUMNS = ("n_params", "steps_run", "steps_per_s", "best_step", "seed")
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial: number, state, value, duration, sampled params, and the recorded metrics."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
+        row = {"trial": t.number, "state": t.state.name.lower(), "valid_acc": t.value, "duration_s": duration}
+        row.update({k: t.user_attrs.get(k) for k in ATTR_COLUMNS})
+        row.update(t.params)
+        row["fail_reason"] = t.user_attrs.get("fail_reason")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summary_counts(frame: pd.DataFrame) -> dict[str, int]:
+    states = frame["state"].value_counts() if len(frame) else pd.Series(dtype=int)
+    return {s: int(states.get(s, 0)) for s in ("complete", "pruned", "fail", "running", "waiting")}
+
+
+def top_trials(frame: pd.DataFrame, k: int = 10) -> pd.DataFrame:
+    """The k best complete trials by validation accuracy, best first, without all-empty columns."""
+    if frame.empty:
+        return frame
+    done = frame[frame["state"] == "complete"].sort_values("valid_acc", ascending=False).head(k)
+    return done.dropna(axis=1, how="all").drop(columns=["state"]).reset_index(drop=True)
+
+
+def best_config(study: optuna.Study) -> dict | None:
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        return None
+    return max(complete, key=lambda t: t.value).user_attrs.get("run_config")
+
+
+def markdown(study: optuna.Study, frame: pd.DataFrame, k: int) -> str:
+    counts = summary_counts(frame)
+    lines = [
+        f"# Study `{study.study_name}`",
+        "",
+        "Trials: " + ", ".join(f"{n} {state}" for state, n in counts.items() if n) if len(frame) else "No trials yet.",
+        "",
+        f"## Top {k} complete trials (best validation accuracy)",
+        "",
+        top_trials(frame, k).to_markdown(index=False, floatfmt=".4g") if counts["complete"] else "None complete.",
+    ]
+    config = best_config(study)
+    if config is not None:
+        lines += ["", "## Best trial's run config", "", "```json", json.dumps(config, indent=2), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(study: optuna.Study, out: Path, k: int = 10) -> tuple[str, list[Path]]:
+    """Write <out>/<study>.md and <out>/<study>.csv (all trials); return the Markdown and the paths."""
+    frame = trials_frame(study)
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown(study, frame, k)
+    md_path, csv_path = out / f"{study.study_name}.md", out / f"{study.study_name}.csv"
+    md_path.write_text(text)
+    frame.to_csv(csv_path, index=False)
+    return text, [md_path, csv_path]

@@ -1,0 +1,182 @@
+"""run-study: search, ablate and report on speaker-classification models (ML2023Spring HW4 format).
+
+Every bad input ends with a one-line `error: ...` on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from data import DataError
+    from models import ConfigError
+    from search.spec import SpecError
+
+    try:
+        return args.func(args) or 0
+    except (DataError, SpecError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted: finished trials are stored; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run-study", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("make-data", help="write a synthetic dataset in the HW4 format")
+    p.add_argument("out", type=Path, help="folder to create")
+    p.add_argument("--speakers", type=int, default=40)
+    p.add_argument("--utterances-per-speaker", type=int, default=60)
+    p.add_argument("--n-mels", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_data)
+
+    p = sub.add_parser("pack", help="validate a HW4 folder and build its packed memory-mapped store")
+    p.add_argument("data", type=Path, help="HW4 folder (metadata.json, mapping.json, uttr-*.pt)")
+    p.add_argument("--cache-dir", type=Path, help="where to put the pack (default: DATA/.hw4pack)")
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("search", help="create or resume a study and run trials")
+    p.add_argument("study", type=Path, help="study file, e.g. studies/quickstart.toml")
+    p.add_argument("--data", type=Path, help="HW4 folder (overrides data.path)")
+    p.add_argument("--n-trials", type=int, help="finished trials the study should hold (overrides study.n_trials)")
+    p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    p.add_argument("--storage", help="storage URL (default: sqlite file beside the study file)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a study-file value, e.g. train.max_steps=200 or model.d_model=[64,128]")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("report", help="print the top trials and write Markdown and CSV")
+    p.add_argument("study", help="study file or study name")
+    p.add_argument("--storage", help="storage URL (default: from the study file)")
+    p.add_argument("--out", type=Path, help="output folder (default: results/STUDY)")
+    p.add_argument("--top", type=int, default=10, help="how many trials to list")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("dashboard", help="open the study storage in optuna-dashboard")
+    p.add_argument("study", help="study file or study name")
+    p.add_argument("--storage", help="storage URL (default: from the study file)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_dashboard)
+    return parser
+
+
+def cmd_make_data(args: argparse.Namespace) -> None:
+    from data.synthetic import make_synthetic
+
+    out = make_synthetic(args.out, args.speakers, args.utterances_per_speaker, args.seed, n_mels=args.n_mels)
+    print(f"wrote synthetic HW4 dataset to {out}")
+
+
+def cmd_pack(args: argparse.Namespace) -> None:
+    from data import open_store
+
+    store = open_store(args.data, args.cache_dir)
+    print(f"packed {store.n_train} labelled + {store.n_test} test utterances, {store.n_classes} speakers, "
+          f"{store.n_mels} mels, fingerprint {store.fingerprint}")
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from search.spec import load_spec
+    from search.storage import default_storage_url
+    from search.study import create_or_resume, run_study
+
+    spec = load_spec(args.study, args.overrides)
+    _check_positive("--n-trials", args.n_trials)
+    _check_positive("--timeout", args.timeout)
+    store = _open_data(spec, args.data)
+    url = args.storage or spec.storage or default_storage_url(spec)
+    _set_threads()
+    study = create_or_resume(spec, url, store.fingerprint)
+    n_trials = args.n_trials or spec.n_trials
+    if n_trials is None and not (args.timeout or spec.timeout):
+        n_trials = 10
+    started = run_study(study, spec, store, n_trials, args.timeout or spec.timeout)
+    print(f"study {spec.name!r}: {started} trial(s) run now; storage {url}")
+    _print_report(study, Path("results") / spec.name, top=5)
+    print(f"dashboard: optuna-dashboard {url}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    study = _load_study(args.study, args.storage)
+    _print_report(study, args.out or Path("results") / study.study_name, args.top)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> None:
+    from optuna_dashboard import run_server
+
+    study = _load_study(args.study, args.storage)
+    print(f"optuna-dashboard on http://{args.host}:{args.port} (study {study.study_name!r}); Ctrl-C to stop")
+    run_server(study._storage, host=args.host, port=args.port)
+
+
+def _print_report(study, out: Path, top: int) -> None:
+    from reports import write_report
+
+    text, paths = write_report(study, out, top)
+    print(text)
+    print("wrote " + ", ".join(map(str, paths)))
+
+
+def _load_study(study: str, storage: str | None):
+    """A study named by its study file (storage from the file) or by name (with --storage or studies/NAME.toml)."""
+    from search.spec import SpecError, load_spec
+    from search.storage import default_storage_url, load_existing_study
+
+    path = Path(study)
+    if path.suffix != ".toml" and not path.exists() and (Path("studies") / f"{study}.toml").exists():
+        path = Path("studies") / f"{study}.toml"
+    if path.suffix == ".toml" or path.exists():
+        spec = load_spec(path)
+        return load_existing_study(spec.name, storage or spec.storage or default_storage_url(spec))
+    if storage is None:
+        raise SpecError(f"no study file {study!r} and no --storage; give a studies/NAME.toml or --storage URL")
+    return load_existing_study(study, storage)
+
+
+def _open_data(spec, override: Path | None):
+    from data import DataError, open_store
+    from data.synthetic import make_synthetic
+    from search.spec import SpecError
+
+    path = override or spec.data_path
+    if path is None:
+        raise SpecError(f"{spec.path}: no dataset; give --data DIR or data.path in the study file")
+    if not path.exists() and spec.synthetic and override is None:
+        print(f"generating synthetic dataset {path} ({spec.synthetic})")
+        try:
+            make_synthetic(path, **spec.synthetic)
+        except TypeError as err:
+            raise SpecError(f"{spec.path}: data.synthetic: {err}") from None
+    if not path.is_dir():
+        raise DataError(f"{path}: dataset folder not found (a HW4 folder holds metadata.json and mapping.json)")
+    return open_store(path)
+
+
+def _set_threads() -> None:
+    """One process per core set: torch's default can oversubscribe cores shared with other workers."""
+    import torch
+
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+
+
+def _check_positive(flag: str, value: float | None) -> None:
+    from search.spec import SpecError
+
+    if value is not None and value <= 0:
+        raise SpecError(f"{flag}={value} must be positive")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""RunConfig: everything one training run needs besides the data, plain, frozen and serialisable."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from models import ConfigError, ModelConfig
+from models.config import known_keys
+
+VALID_MODES = ("fixed", "full")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 70_000
+    valid_steps: int = 2_000
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 1_000
+    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    segment_len: int = 128
+    seed: int = 87
+    amp: bool = True  # mixed precision, on CUDA only
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "valid_steps", "batch_size", "segment_len"):
+            _check(self, key, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer")
+        _check(self, "warmup_steps", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
+        _check(self, "seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
+        _check(self, "lr", lambda v: _number(v) and v > 0, "a positive number")
+        for key in ("weight_decay", "grad_clip"):
+            _check(self, key, lambda v: _number(v) and v >= 0, "a number >= 0")
+        _check(self, "amp", lambda v: isinstance(v, bool), "true or false")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How the labelled utterances are split and validated; the same for every trial of a study."""
+
+    valid_fraction: float = 0.1
+    split_seed: int = 0
+    valid_mode: str = "fixed"  # "fixed": one fixed crop per utterance; "full": whole utterances
+
+    def __post_init__(self) -> None:
+        _check(self, "valid_fraction", lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)")
+        _check(self, "split_seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
+        _check(self, "valid_mode", lambda v: v in VALID_MODES, f"one of {', '.join(VALID_MODES)}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, dict[str, Any]]) -> RunConfig:
+        known_keys(cls, values, "run")
+        return cls(
+            model=ModelConfig.from_dict(values.get("model", {})),
+            train=TrainConfig(**known_keys(TrainConfig, values.get("train", {}), "train")),
+            data=DataConfig(**known_keys(DataConfig, values.get("data", {}), "data")),
+        )
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check(obj: Any, key: str, ok: Any, what: str) -> None:
+    value = getattr(obj, key)
+    if not ok(value):
+        section = "train" if isinstance(obj, TrainConfig) else "data"
+        raise ConfigError(f"{section}.{key}={value!r} must be {what}")

@@ -1,0 +1,281 @@
+"""Study files (studies/NAME.toml): parse, apply --set overrides, validate, and expose the search space.
+
+Every key under [model] and [train] is either fixed (a plain value) or searched:
+a list is a categorical choice, a table {low, high[, log][, step]} a numeric range.
+"""
+from __future__ import annotations
+
+import itertools
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from models import ConfigError, ModelConfig
+from models.config import known_keys
+from search.config import DataConfig, RunConfig, TrainConfig
+
+SECTIONS = ("study", "data", "sampler", "pruner", "model", "train")
+STUDY_KEYS = ("name", "seed", "n_trials", "timeout", "storage", "heartbeat_interval", "grace_period")
+DATA_KEYS = ("path", "synthetic", *(f.name for f in fields(DataConfig)))
+RANGE_KEYS = {"low", "high", "log", "step"}
+VIRTUAL_MODEL_KEYS = ("head_dim",)  # searched instead of d_model: d_model = nhead * head_dim
+
+
+class SpecError(ValueError):
+    """A bad study file or override, worded for the user: names the file, the key and what is valid."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One [model]/[train] key: fixed, a categorical choice, or an int/float range."""
+
+    name: str
+    value: Any = None
+    choices: tuple[Any, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+
+    @property
+    def searched(self) -> bool:
+        return bool(self.choices) or self.low is not None
+
+    def candidates(self) -> list[Any]:
+        """The values to validate: every choice, both ends of a range, or the fixed value."""
+        if self.choices:
+            return list(self.choices)
+        if self.low is not None:
+            return [self.low, self.high]
+        return [self.value]
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        if self.choices:
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.low is None:
+            return self.value
+        if isinstance(self.low, int) and isinstance(self.high, int) and not isinstance(self.step, float):
+            return trial.suggest_int(self.name, self.low, self.high, step=self.step or 1, log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    path: Path
+    name: str
+    seed: int = 0
+    n_trials: int | None = None
+    timeout: float | None = None
+    storage: str | None = None
+    heartbeat_interval: int = 30
+    grace_period: int = 120
+    data_path: Path | None = None
+    synthetic: dict[str, Any] | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    sampler: dict[str, Any] = field(default_factory=lambda: {"name": "tpe"})
+    pruner: dict[str, Any] = field(default_factory=lambda: {"name": "median"})
+    model: dict[str, Param] = field(default_factory=dict)
+    train: dict[str, Param] = field(default_factory=dict)
+
+    def run_config(self, trial: optuna.Trial) -> RunConfig:
+        """Sample (or fix) every [model]/[train] value for one trial."""
+        model = {name: p.suggest(trial) for name, p in self.model.items()}
+        train = {name: p.suggest(trial) for name, p in self.train.items()}
+        train.setdefault("seed", self.seed + trial.number)
+        return _build_run_config(model, train, self.data)
+
+    def identity(self) -> dict[str, Any]:
+        """What must not change when a study is resumed: the space, the budget, the split, the strategy."""
+        return {
+            "model": {k: _param_dict(p) for k, p in sorted(self.model.items())},
+            "train": {k: _param_dict(p) for k, p in sorted(self.train.items())},
+            "data": {f.name: getattr(self.data, f.name) for f in fields(DataConfig)},
+            "sampler": self.sampler,
+            "pruner": self.pruner,
+            "seed": self.seed,
+        }
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StudySpec:
+    """Read, override and validate a study file; every problem is a one-line SpecError naming the file."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: study file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecError(f"{path}: cannot read study file ({err})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise SpecError(f"{path}: not valid TOML ({err})") from None
+    try:
+        for item in overrides:
+            apply_override(raw, item)
+        return _parse(path, raw)
+    except (SpecError, ConfigError) as err:
+        raise SpecError(f"{path}: {err}") from None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `--set section.key=value` (value parsed as TOML, else taken as a plain string)."""
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) < 2 or not all(parts):
+        raise SpecError(f"--set {item!r} must look like section.key=value, e.g. train.max_steps=200")
+    if parts[0] not in SECTIONS:
+        raise SpecError(f"--set {item!r}: unknown section {parts[0]!r}; valid: {', '.join(SECTIONS)}")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    table = raw
+    for part in parts[:-1]:
+        table = table.setdefault(part, {})
+        if not isinstance(table, dict):
+            raise SpecError(f"--set {item!r}: {part!r} is not a table")
+    table[parts[-1]] = value
+
+
+def _parse(path: Path, raw: dict[str, Any]) -> StudySpec:
+    _only(raw, SECTIONS, "section ")
+    study, data = _table(raw, "study"), _table(raw, "data")
+    _only(study, STUDY_KEYS, "key study.")
+    _only(data, DATA_KEYS, "key data.")
+    name = study.get("name", path.stem)
+    if not isinstance(name, str) or not name.strip():
+        raise SpecError(f"study.name={name!r} must be a non-empty string")
+    spec = StudySpec(
+        path=path,
+        name=name,
+        seed=_typed(study, "study.seed", "seed", int, 0),
+        n_trials=_positive(study, "n_trials", int),
+        timeout=_positive(study, "timeout", (int, float)),
+        storage=_typed(study, "study.storage", "storage", str, None),
+        heartbeat_interval=_positive(study, "heartbeat_interval", int) or 30,
+        grace_period=_positive(study, "grace_period", int) or 120,
+        data_path=Path(data["path"]) if isinstance(data.get("path"), str) else None,
+        synthetic=_typed(data, "data.synthetic", "synthetic", dict, None),
+        data=DataConfig(**{k: v for k, v in data.items() if k not in ("path", "synthetic")}),
+        sampler=_strategy(raw, "sampler", "tpe"),
+        pruner=_strategy(raw, "pruner", "median"),
+        model=_params(_table(raw, "model")),
+        train=_params(_table(raw, "train")),
+    )
+    if "path" in data and spec.data_path is None:
+        raise SpecError(f"data.path={data['path']!r} must be a string (a HW4 folder)")
+    _check_heads(spec.model)
+    _probe(spec)
+    return spec
+
+
+def _table(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise SpecError(f"[{key}] must be a table, got {value!r}")
+    return value
+
+
+def _only(table: dict[str, Any], valid: tuple[str, ...], what: str) -> None:
+    for key in table:
+        if key not in valid:
+            raise SpecError(f"unknown {what}{key}; valid: {', '.join(valid)}")
+
+
+def _typed(table: dict[str, Any], label: str, key: str, kind: Any, default: Any) -> Any:
+    value = table.get(key, default)
+    if value is not default and (not isinstance(value, kind) or isinstance(value, bool)):
+        raise SpecError(f"{label}={value!r} has the wrong type; expected {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def _positive(table: dict[str, Any], key: str, kind: Any) -> Any:
+    value = table.get(key)
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool) or value <= 0):
+        raise SpecError(f"study.{key}={value!r} must be a positive number")
+    return value
+
+
+def _strategy(raw: dict[str, Any], section: str, default: str) -> dict[str, Any]:
+    table = dict(_table(raw, section))
+    table.setdefault("name", default)
+    return table
+
+
+def _params(table: dict[str, Any]) -> dict[str, Param]:
+    return {name: _param(name, value) for name, value in table.items()}
+
+
+def _param(name: str, value: Any) -> Param:
+    if isinstance(value, list):
+        if not value or len(set(map(repr, value))) != len(value):
+            raise SpecError(f"{name}={value!r}: a choice list must be non-empty without repeats")
+        if not all(isinstance(v, (str, int, float, bool)) for v in value):
+            raise SpecError(f"{name}={value!r}: choices must be strings, numbers or booleans")
+        return Param(name, choices=tuple(value))
+    if isinstance(value, dict):
+        extra = set(value) - RANGE_KEYS
+        if extra or not {"low", "high"} <= set(value):
+            raise SpecError(f"{name}={value!r}: a range is a table with low, high and optional log, step")
+        low, high = value["low"], value["high"]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low > high:
+            raise SpecError(f"{name}={value!r}: low and high must be numbers with low <= high")
+        if value.get("log") and value.get("step"):
+            raise SpecError(f"{name}={value!r}: a range cannot have both log and step")
+        return Param(name, low=low, high=high, log=bool(value.get("log", False)), step=value.get("step"))
+    return Param(name, value=value)
+
+
+def _check_heads(model: dict[str, Param]) -> None:
+    """Every sampled (d_model, nhead) must be valid, since Optuna choices cannot depend on each other."""
+    if "head_dim" in model:
+        if "d_model" in model:
+            raise SpecError("give model.d_model or model.head_dim (d_model = nhead * head_dim), not both")
+        return
+    d_values = _values(model.get("d_model"), ModelConfig.d_model)
+    n_values = _values(model.get("nhead"), ModelConfig.nhead)
+    for d_model, nhead in itertools.product(d_values, n_values):
+        if d_model % nhead:
+            raise SpecError(
+                f"model.nhead={nhead} does not divide model.d_model={d_model}, and both can be sampled "
+                "together; choose values that always divide, or search model.head_dim and model.nhead "
+                "(d_model = nhead * head_dim)"
+            )
+
+
+def _values(param: Param | None, default: int) -> list[Any]:
+    if param is None:
+        return [default]
+    if param.low is not None:
+        step = int(param.step or 1)
+        return list(range(int(param.low), int(param.high) + 1, step)) if not param.log else [param.low, param.high]
+    return param.candidates()
+
+
+def _probe(spec: StudySpec) -> None:
+    """Build a RunConfig for every candidate value of every parameter, so a bad choice fails now."""
+    model = {k: p.candidates()[0] for k, p in spec.model.items()}
+    train = {k: p.candidates()[0] for k, p in spec.train.items()}
+    for name, param in spec.model.items():
+        for value in param.candidates():
+            _build_run_config({**model, name: value}, train, spec.data)
+    for name, param in spec.train.items():
+        for value in param.candidates():
+            _build_run_config(model, {**train, name: value}, spec.data)
+
+
+def _build_run_config(model: dict[str, Any], train: dict[str, Any], data: DataConfig) -> RunConfig:
+    model = dict(model)
+    if "head_dim" in model:
+        model["d_model"] = model.pop("head_dim") * model.get("nhead", ModelConfig.nhead)
+    train_config = TrainConfig(**known_keys(TrainConfig, train, "train"))
+    return RunConfig(model=ModelConfig.from_dict(model), train=train_config, data=data)
+
+
+def _param_dict(p: Param) -> dict[str, Any]:
+    if p.choices:
+        return {"choices": list(p.choices)}
+    if p.low is not None:
+        return {"low": p.low, "high": p.high, "log": p.log, "step": p.step}
+    return {"value": p.value}

@@ -1,0 +1,161 @@
+"""The ONE training function: search trials, ablation runs and final fits all call train()."""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from data.batches import CropSampler, fixed_valid_batches, split
+from data.packed import PackedStore
+from models import SpeakerClassifier, build_model, count_parameters
+from search.config import RunConfig
+
+# (step, validation accuracy) -> True when the caller wants the run stopped (e.g. an Optuna prune).
+Reporter = Callable[[int, float], bool]
+
+NAN_CHECK_EVERY = 25  # steps between loss checks; each check is a host sync on CUDA
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run cannot continue."""
+
+
+@dataclass
+class TrainResult:
+    best_valid_acc: float
+    best_step: int
+    steps_run: int
+    pruned: bool
+    n_params: int
+    steps_per_s: float
+    samples_per_s: float
+    device: str
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def warmup_cosine(warmup_steps: int, max_steps: int) -> Callable[[int], float]:
+    """LR factor: linear warm-up to 1, then half a cosine down to 0 at max_steps (the sample code's)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+    return factor
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+@torch.no_grad()
+def evaluate(model: SpeakerClassifier, batches: list, device: torch.device, amp: bool = False) -> float:
+    """Accuracy over fixed validation batches (no margin: argmax of the plain logits)."""
+    model.eval()
+    correct = total = 0
+    for batch in batches:
+        batch = batch.to(device)
+        with _autocast(device, enabled=amp):
+            logits = model(batch.x, batch.lengths)
+        correct += int((logits.argmax(-1) == batch.y).sum())
+        total += len(batch.y)
+    model.train()
+    return correct / max(1, total)
+
+
+def train(
+    cfg: RunConfig,
+    store: PackedStore,
+    reporter: Reporter | None = None,
+    device: torch.device | str | None = None,
+) -> TrainResult:
+    """Train one model from `cfg` on the labelled part of `store`; report validation accuracy at each
+    evaluation and stop early when the reporter says so. Raises NonFiniteLossError on NaN/inf loss."""
+    t, device = cfg.train, torch.device(device) if device else default_device()
+    seed_everything(t.seed)
+    train_idx, valid_idx = split(store.labels[: store.n_train], cfg.data.valid_fraction, cfg.data.split_seed)
+    sampler = CropSampler(store, train_idx, t.segment_len, t.batch_size, seed=t.seed)
+    valid = fixed_valid_batches(store, valid_idx, t.segment_len, t.batch_size, cfg.data.split_seed, cfg.data.valid_mode)
+
+    model = build_model(cfg.model, store.n_mels, store.n_classes).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup_steps, t.max_steps))
+    use_amp = t.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported())
+
+    result = TrainResult(0.0, 0, 0, False, count_parameters(model), 0.0, 0.0, str(device))
+    loss_sum, loss_steps, train_seconds, tick = torch.zeros((), device=device), 0, 0.0, time.perf_counter()
+    model.train()
+    for step in range(1, t.max_steps + 1):
+        batch = sampler.next_batch().to(device)
+        with _autocast(device, enabled=use_amp):
+            logits = model(batch.x, batch.lengths)
+        loss = model.criterion(logits.float(), batch.y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if t.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        schedule.step()
+        loss_sum += loss.detach()
+        loss_steps += 1
+        result.steps_run = step
+        evaluating = step % t.valid_steps == 0 or step == t.max_steps
+        if evaluating or step % NAN_CHECK_EVERY == 0:
+            _check_finite(loss_sum, step, optimizer)
+        if not evaluating:
+            continue
+        train_seconds += _elapsed(tick, device)
+        accuracy = evaluate(model, valid, device, use_amp)
+        result.history.append(
+            {"step": step, "train_loss": loss_sum.item() / loss_steps, "valid_acc": accuracy,
+             "lr": optimizer.param_groups[0]["lr"]}
+        )
+        loss_sum.zero_()
+        loss_steps = 0
+        if accuracy > result.best_valid_acc or not result.best_state:
+            result.best_valid_acc, result.best_step = accuracy, step
+            result.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if reporter is not None and reporter(step, accuracy):
+            result.pruned = True
+            break
+        tick = time.perf_counter()
+    result.steps_per_s = result.steps_run / max(train_seconds, 1e-9)
+    result.samples_per_s = result.steps_per_s * t.batch_size
+    return result
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if device.type != "cuda" or not enabled:
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _elapsed(tick: float, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - tick
+
+
+def _check_finite(loss_sum: torch.Tensor, step: int, optimizer: torch.optim.Optimizer) -> None:
+    if not torch.isfinite(loss_sum):
+        lr = optimizer.param_groups[0]["lr"]
+        raise NonFiniteLossError(
+            f"training loss became non-finite by step {step} (lr {lr:.3g}); "
+            "try a lower train.lr or a train.grad_clip > 0"
+        )

@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny valid HW4 folders written into tmp_path."""
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+
+def write_hw4(
+    root: Path,
+    n_speakers: int = 4,
+    per_speaker: int = 5,
+    n_mels: int = 8,
+    n_test: int = 3,
+    seed: int = 0,
+    lengths: tuple[int, int] = (4, 40),
+) -> Path:
+    """Write a valid HW4 folder at root: random float32 features, mel_len drawn from lengths (inclusive).
+
+    Speaker ids are deliberately not in sorted order of the speaker strings, to catch code that
+    assumes they are.
+    """
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    speakers = [f"id{10 * i + 7:05d}" for i in range(n_speakers)]
+    ids = rng.permutation(n_speakers).tolist()
+    speaker2id = dict(zip(speakers, ids, strict=True))
+
+    def utterance() -> dict:
+        name = f"uttr-{rng.bytes(8).hex()}.pt"
+        mel_len = int(rng.integers(lengths[0], lengths[1] + 1))
+        torch.save(torch.from_numpy(rng.normal(-5.7, 3.5, (mel_len, n_mels)).astype(np.float32)), root / name)
+        return {"feature_path": name, "mel_len": mel_len}
+
+    metadata = {"n_mels": n_mels, "speakers": {s: [utterance() for _ in range(per_speaker)] for s in speakers}}
+    mapping = {"speaker2id": speaker2id, "id2speaker": {str(i): s for s, i in speaker2id.items()}}
+    testdata = {"n_mels": n_mels, "utterances": [utterance() for _ in range(n_test)]}
+    for name, obj in (("metadata.json", metadata), ("mapping.json", mapping), ("testdata.json", testdata)):
+        (root / name).write_text(json.dumps(obj, indent=2))
+    return root
+
+
+@pytest.fixture
+def hw4_folder(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: hw4_folder(name="Dataset", **write_hw4 options) -> a fresh folder under tmp_path."""
+
+    def make(name: str = "Dataset", **options) -> Path:
+        return write_hw4(tmp_path / name, **options)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small learnable synthetic dataset (8 speakers, short utterances), shared by the slower tests."""
+    from data.synthetic import make_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic") / "tiny"
+    return make_synthetic(root, speakers=8, utterances_per_speaker=24, seed=3, n_mels=16, min_len=20, max_len=90)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_synthetic: Path):
+    from data import open_store
+
+    return open_store(tiny_synthetic)
+
+
+def write_study(path: Path, body: str) -> Path:
+    """A study file for tests: a tiny, fast model and budget unless `body` says otherwise."""
+    path.write_text(TINY_STUDY + body)
+    return path
+
+
+TINY_STUDY = """
+[study]
+seed = 0
+
+[data]
+valid_fraction = 0.25
+
+[sampler]
+name = "random"
+
+[pruner]
+name = "none"
+"""

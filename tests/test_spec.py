@@ -1,0 +1,103 @@
+from pathlib import Path
+
+import optuna
+import pytest
+
+from search.spec import SpecError, apply_override, load_spec
+from tests.conftest import write_study
+
+STUDIES = sorted(Path(__file__).resolve().parent.parent.joinpath("studies").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
+def test_shipped_study_files_are_valid(path):
+    spec = load_spec(path)
+    assert spec.name == path.stem
+
+
+def test_lists_are_choices_tables_are_ranges_and_scalars_are_fixed(tmp_path):
+    spec = load_spec(write_study(tmp_path / "s.toml", """
+[model]
+d_model = [16, 32]
+nhead = 2
+n_layers = { low = 1, high = 3 }
+[train]
+lr = { low = 1e-4, high = 1e-2, log = true }
+max_steps = 10
+"""))
+    assert spec.model["d_model"].choices == (16, 32)
+    assert not spec.model["nhead"].searched
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(20):
+        trial = study.ask()
+        cfg = spec.run_config(trial)
+        assert cfg.model.d_model in (16, 32) and cfg.model.nhead == 2
+        assert 1 <= cfg.model.n_layers <= 3 and isinstance(cfg.model.n_layers, int)
+        assert 1e-4 <= cfg.train.lr <= 1e-2 and cfg.train.max_steps == 10
+        assert cfg.train.seed == trial.number  # study seed 0 + trial number
+        assert set(trial.params) == {"d_model", "n_layers", "lr"}
+        study.tell(trial, 0.0)
+
+
+def test_head_dim_makes_every_sampled_pair_valid(tmp_path):
+    spec = load_spec(write_study(tmp_path / "s.toml", """
+[model]
+nhead = [1, 2, 4, 8]
+head_dim = [8, 12, 16]
+"""))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(40):
+        trial = study.ask()
+        cfg = spec.run_config(trial)
+        assert cfg.model.d_model == trial.params["nhead"] * trial.params["head_dim"]
+        seen.add((cfg.model.d_model, cfg.model.nhead))
+        study.tell(trial, 0.0)
+    assert len(seen) > 5
+
+
+def test_overrides_parse_values_as_toml_or_plain_strings():
+    raw: dict = {"train": {"max_steps": 100}}
+    apply_override(raw, "train.max_steps=20")
+    apply_override(raw, "model.d_model=[32, 64]")
+    apply_override(raw, "pruner.name=hyperband")
+    apply_override(raw, "data.synthetic.speakers=5")
+    assert raw == {
+        "train": {"max_steps": 20}, "model": {"d_model": [32, 64]}, "pruner": {"name": "hyperband"},
+        "data": {"synthetic": {"speakers": 5}},
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "overrides", "fragment"),
+    [
+        ("[modle]\n", (), "unknown section modle; valid: study, data"),
+        ("[model]\npoolng = 'mean'\n", (), "unknown key model.poolng; valid keys: encoder, d_model"),
+        ("[model]\nd_model = [64, 80]\nnhead = [2, 3]\n", (), "model.nhead=3 does not divide model.d_model=64"),
+        ("[model]\nd_model = 64\nhead_dim = 8\n", (), "give model.d_model or model.head_dim"),
+        ("[model]\npooling = ['mean', 'attn']\n", (), "model.pooling='attn' is not a known pooling"),
+        ("[train]\nlr = { low = 1e-2, high = 1e-4 }\n", (), "low and high must be numbers with low <= high"),
+        ("[train]\nlr = { low = 1e-4 }\n", (), "a range is a table with low, high"),
+        ("[train]\nmax_steps = -5\n", (), "train.max_steps=-5 must be a positive integer"),
+        ("[train]\nbatch_size = [16, 16]\n", (), "without repeats"),
+        ("", ("study.n_trials=0",), "study.n_trials=0 must be a positive number"),
+        ("", ("data.valid_fraction=1.5",), "data.valid_fraction=1.5 must be a number in (0, 1)"),
+        ("", ("data.valid_mode=random",), "data.valid_mode='random' must be one of fixed, full"),
+        ("", ("train.max_steps",), "must look like section.key=value"),
+        ("", ("optimizer.lr=1",), "unknown section 'optimizer'"),
+        ("[model\n", (), "not valid TOML"),
+    ],
+)
+def test_bad_study_file_gives_one_line_error_naming_file_and_key(tmp_path, body, overrides, fragment):
+    path = write_study(tmp_path / "bad.toml", body)
+    with pytest.raises(SpecError) as err:
+        load_spec(path, overrides)
+    message = str(err.value)
+    assert fragment in message
+    assert "\n" not in message
+    assert message.startswith(str(path)) or message.startswith("--set")
+
+
+def test_missing_study_file(tmp_path):
+    with pytest.raises(SpecError, match="study file not found"):
+        load_spec(tmp_path / "nope.toml")
