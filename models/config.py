@@ -27,7 +27,8 @@ class ModelConfig:
             _require(isinstance(getattr(self, key), str), key, getattr(self, key), "a string")
         for key in ("d_model", "nhead", "n_layers"):
             value = getattr(self, key)
-            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, key, value, "a positive integer")
+            positive = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            _require(positive, key, value, "a positive integer")
         if self.d_model % self.nhead:
             divisors = [n for n in range(1, self.d_model + 1) if self.d_model % n == 0]
             raise ConfigError(

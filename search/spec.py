@@ -233,6 +233,8 @@ def _check_heads(model: dict[str, Param]) -> None:
         if "d_model" in model:
             raise SpecError("give model.d_model or model.head_dim (d_model = nhead * head_dim), not both")
         return
+    if not any(p is not None and p.searched for p in (model.get("d_model"), model.get("nhead"))):
+        return  # both fixed: ModelConfig's own check names the valid nhead values
     d_values = _values(model.get("d_model"), ModelConfig.d_model)
     n_values = _values(model.get("nhead"), ModelConfig.nhead)
     for d_model, nhead in itertools.product(d_values, n_values):

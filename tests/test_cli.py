@@ -1,0 +1,127 @@
+"""The CLI as a user runs it: subprocesses, exit codes, one-line errors, interrupted and resumed studies."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from tests.conftest import write_study
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = """
+[model]
+d_model = [16, 24]
+nhead = 2
+ff_mult = 2.0
+[train]
+max_steps = 40
+valid_steps = 20
+warmup_steps = 5
+segment_len = 32
+batch_size = 16
+lr = { low = 1e-3, high = 5e-3, log = true }
+"""
+
+
+def cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, str(ROOT / "run_study.py"), *args], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=300)
+    if check:
+        assert run.returncode == 0, run.stderr
+    return run
+
+
+def assert_one_line_error(run: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_make_data_search_and_report_end_to_end(tmp_path):
+    cli("make-data", "ds", "--speakers", "5", "--utterances-per-speaker", "12", "--seed", "1", cwd=tmp_path)
+    assert (tmp_path / "ds" / "metadata.json").exists()
+    study = write_study(tmp_path / "e2e.toml", FAST)
+    run = cli("search", str(study), "--data", "ds", "--n-trials", "2", cwd=tmp_path)
+    assert "Top 5 complete trials" in run.stdout and "optuna-dashboard sqlite:///e2e.db" in run.stdout
+    loaded = optuna.load_study(study_name="e2e", storage=f"sqlite:///{tmp_path / 'e2e.db'}")
+    assert [t.state for t in loaded.trials] == [TrialState.COMPLETE] * 2
+    report = cli("report", str(study), "--out", "out", cwd=tmp_path)
+    assert "| trial |" in report.stdout.replace("   ", " ").replace("  ", " ") or "trial" in report.stdout
+    csv = (tmp_path / "out" / "e2e.csv").read_text().splitlines()
+    assert csv[0].startswith("trial,state,valid_acc") and len(csv) == 3
+    assert "## Best trial's run config" in (tmp_path / "out" / "e2e.md").read_text()
+
+
+def test_bad_study_file_exits_2_with_one_line(tmp_path):
+    study = write_study(tmp_path / "bad.toml", "[model]\nd_model = 80\nnhead = 3\n")
+    assert_one_line_error(cli("search", str(study), "--data", "x", cwd=tmp_path, check=False),
+                          "bad.toml", "model.nhead=3 must divide model.d_model=80")
+    assert_one_line_error(cli("search", "missing.toml", cwd=tmp_path, check=False), "missing.toml", "not found")
+    good = write_study(tmp_path / "good.toml", FAST)
+    assert_one_line_error(cli("search", str(good), "--set", "train.lr=-1", cwd=tmp_path, check=False),
+                          "train.lr=-1 must be a positive number")
+    assert_one_line_error(cli("search", str(good), "--data", "nowhere", cwd=tmp_path, check=False),
+                          "nowhere", "not found")
+    assert_one_line_error(cli("search", str(good), cwd=tmp_path, check=False), "no dataset")
+    assert_one_line_error(cli("report", "nothing-here", cwd=tmp_path, check=False), "nothing-here")
+
+
+def test_bad_dataset_exits_2_naming_the_file(tmp_path):
+    import torch
+
+    from tests.conftest import write_hw4
+
+    data = write_hw4(tmp_path / "ds")
+    victim = sorted(data.glob("uttr-*.pt"))[0]
+    torch.save(torch.zeros(3, 5), victim)  # wrong shape for its metadata entry
+    study = write_study(tmp_path / "s.toml", FAST)
+    assert_one_line_error(cli("search", str(study), "--data", "ds", cwd=tmp_path, check=False), victim.name)
+    assert not (tmp_path / "s.db").exists() or not optuna.load_study(
+        study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}").trials
+
+
+def _states(url: str) -> list[TrialState]:
+    try:
+        return [t.state for t in optuna.load_study(study_name="kill", storage=url).trials]
+    except KeyError:
+        return []
+
+
+def test_killed_study_resumes_without_losing_or_repeating_trials(tmp_path):
+    cli("make-data", "ds", "--speakers", "5", "--utterances-per-speaker", "12", cwd=tmp_path)
+    study = write_study(tmp_path / "kill.toml", FAST.replace("max_steps = 40", "max_steps = 200"))
+    args = ["search", str(study), "--data", "ds", "--n-trials", "3",
+            "--set", "study.heartbeat_interval=1", "--set", "study.grace_period=2"]
+    url = f"sqlite:///{tmp_path / 'kill.db'}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    worker = subprocess.Popen([sys.executable, str(ROOT / "run_study.py"), *args], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait for one finished trial and a second one under way
+        states = _states(url)
+        if TrialState.COMPLETE in states and states[-1] == TrialState.RUNNING:
+            break
+        time.sleep(0.2)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    before = optuna.load_study(study_name="kill", storage=url).trials
+    assert before[-1].state == TrialState.RUNNING  # a zombie, as after kill -9 or a lost machine
+    finished_before = {t.number: t.value for t in before if t.state == TrialState.COMPLETE}
+
+    time.sleep(3)  # past the grace period: the zombie's heartbeat is stale
+    cli(*args, cwd=tmp_path)
+    after = optuna.load_study(study_name="kill", storage=url).trials
+    assert {t.number: t.value for t in after if t.number in finished_before} == finished_before
+    assert after[before[-1].number].state == TrialState.FAIL
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in after) == 3
+    assert not [t for t in after if t.state == TrialState.RUNNING]
+    retried = [t for t in after if t.system_attrs.get("failed_trial") == before[-1].number]
+    assert len(retried) == 1 and retried[0].params == before[-1].params
