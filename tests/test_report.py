@@ -1,0 +1,41 @@
+import optuna
+import pandas as pd
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState, create_trial
+
+from reports import summary_counts, top_trials, trials_frame, write_report
+
+
+def _study() -> optuna.Study:
+    study = optuna.create_study(study_name="r", direction="maximize")
+    dist = {"pooling": CategoricalDistribution(["mean", "stats"])}
+    for value, pooling in ((0.5, "mean"), (0.8, "stats"), (0.65, "mean")):
+        study.add_trial(create_trial(params={"pooling": pooling}, distributions=dist, value=value,
+                                     user_attrs={"n_params": 100, "steps_run": 300,
+                                                 "run_config": {"model": {"pooling": pooling}}}))
+    study.add_trial(create_trial(params={"pooling": "mean"}, distributions=dist, state=TrialState.PRUNED,
+                                 intermediate_values={50: 0.1}, value=0.1))
+    study.add_trial(create_trial(params={"pooling": "mean"}, distributions=dist, state=TrialState.FAIL,
+                                 user_attrs={"fail_reason": "training loss became non-finite by step 25"}))
+    return study
+
+
+def test_frame_counts_and_top_trials():
+    frame = trials_frame(_study())
+    assert summary_counts(frame) == {"complete": 3, "pruned": 1, "fail": 1, "running": 0, "waiting": 0}
+    top = top_trials(frame, k=2)
+    assert top["trial"].tolist() == [1, 2] and top["valid_acc"].tolist() == [0.8, 0.65]
+    assert "state" not in top and "fail_reason" not in top  # all-empty for complete trials
+    assert frame.loc[frame["state"] == "fail", "fail_reason"].item().startswith("training loss")
+
+
+def test_written_markdown_and_csv(tmp_path):
+    text, paths = write_report(_study(), tmp_path, k=5)
+    assert "Trials: 3 complete, 1 pruned, 1 fail" in text
+    header = next(line for line in text.splitlines() if line.startswith("|"))
+    assert [c.strip() for c in header.strip("|").split("|")][:3] == ["trial", "valid_acc", "duration_s"]
+    assert '"pooling": "stats"' in text  # the best trial's run config
+    back = pd.read_csv(paths[1])
+    assert back["trial"].tolist() == [0, 1, 2, 3, 4]
+    assert back["state"].tolist() == ["complete", "complete", "complete", "pruned", "fail"]
+    assert back.loc[1, "valid_acc"] == 0.8 and back.loc[1, "pooling"] == "stats"
