@@ -1,6 +1,7 @@
 """Samplers and pruners by name, built from the study file's [sampler] and [pruner] tables."""
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import optuna
@@ -50,9 +51,17 @@ def _kwargs(table: dict[str, Any]) -> dict[str, Any]:
 def _build(spec: StudySpec, kind: str, name: Any, table: dict[str, Any], kwargs: dict[str, Any]) -> Any:
     if name not in table:
         raise SpecError(f"{spec.path}: {kind}.name={name!r} is not known; valid: {', '.join(table)}")
+    cls = table[name]
+    valid = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise SpecError(
+            f"{spec.path}: {kind}.{unknown[0]} is not an argument of optuna.{kind}s.{cls.__name__}; "
+            f"valid: {', '.join(valid) or 'none'}"
+        )
     try:
-        return table[name](**kwargs)
+        return cls(**kwargs)
     except TypeError as err:
-        raise SpecError(f"{spec.path}: [{kind}] {name}: {err}; see optuna.{kind}s.{table[name].__name__}") from None
+        raise SpecError(f"{spec.path}: [{kind}] {name}: {err}") from None
     except ValueError as err:
         raise SpecError(f"{spec.path}: [{kind}] {name}: {err}") from None

@@ -29,7 +29,7 @@ def test_pruner_and_sampler_arguments_are_passed_through(tmp_path):
     [
         ("pruner.name=asha", "pruner.name='asha' is not known; valid: none, median"),
         ("sampler.name=cma", "sampler.name='cma' is not known; valid: tpe, random"),
-        ("pruner.n_warmup=3", "n_warmup"),
+        ("pruner.n_warmup=3", "pruner.n_warmup is not an argument of optuna.pruners.NopPruner; valid: none"),
     ],
 )
 def test_unknown_strategy_or_argument_is_a_clear_error(tmp_path, override, fragment):
