@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine:
 #   make quickstart   - install into .venv, generate synthetic data, run studies/quickstart.toml, report
-#   make test         - install into .venv (with test extras) and run the test suite
+#   make test         - install into .venv (with test extras), lint, and run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -19,6 +19,7 @@ quickstart: install
 	$(VENV)/bin/run-study search studies/quickstart.toml
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 
 dashboard: install
