@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine:
 #   make quickstart   - install into .venv, generate synthetic data, run studies/quickstart.toml, report
+# (--no-compile: byte-compiling every installed file took longer than the rest of the install)
 #   make test         - install into .venv (with test extras), lint, and run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,8 +10,8 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	# torch first: the CPU wheel on disk; a bare "torch" requirement would pull a multi-GB CUDA build
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-compile torch==2.13.0
+	$(PY) -m pip install --quiet --no-compile -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
