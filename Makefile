@@ -1,8 +1,10 @@
 # Two commands do all set-up on a fresh machine:
 #   make quickstart   - install into .venv, generate synthetic data, run studies/quickstart.toml, report
-# (--no-compile: byte-compiling every installed file took longer than the rest of the install)
 #   make test         - install into .venv (with test extras), lint, and run the test suite
 VENV ?= .venv
+# Installs skip byte-compiling (--no-compile); let the first import cache what is really used,
+# even where the environment disables .pyc writing (every CLI subprocess would recompile torch).
+unexport PYTHONDONTWRITEBYTECODE
 PY := $(VENV)/bin/python
 
 .PHONY: quickstart test install dashboard

@@ -88,14 +88,12 @@ class StudySpec:
         return _build_run_config(model, train, self.data)
 
     def identity(self) -> dict[str, Any]:
-        """What must not change when a study is resumed: the space, the budget, the split, the strategy."""
+        """What must not change when a study is resumed: the space, the budget and the split.
+        (Sampler, pruner and seed may change: they steer new trials without making old ones incomparable.)"""
         return {
             "model": {k: _param_dict(p) for k, p in sorted(self.model.items())},
             "train": {k: _param_dict(p) for k, p in sorted(self.train.items())},
             "data": {f.name: getattr(self.data, f.name) for f in fields(DataConfig)},
-            "sampler": self.sampler,
-            "pruner": self.pruner,
-            "seed": self.seed,
         }
 
 
