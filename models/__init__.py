@@ -2,9 +2,9 @@
 from models import components  # noqa: F401 - registers the built-in components
 from models.classifier import SpeakerClassifier, build_model, count_parameters, padding_mask
 from models.config import ModelConfig
-from models.registry import ACTIVATIONS, ENCODERS, HEADS, LOSSES, POOLINGS, ConfigError, Registry
+from models.registry import ACTIVATIONS, CLASSIFIERS, ENCODERS, HEADS, LOSSES, POOLINGS, ConfigError, Registry
 
 __all__ = [
-    "ACTIVATIONS", "ENCODERS", "HEADS", "LOSSES", "POOLINGS", "ConfigError", "ModelConfig", "Registry",
+    "ACTIVATIONS", "CLASSIFIERS", "ENCODERS", "HEADS", "LOSSES", "POOLINGS", "ConfigError", "ModelConfig", "Registry",
     "SpeakerClassifier", "build_model", "count_parameters", "padding_mask",
 ]

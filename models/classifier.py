@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from models.config import ModelConfig
-from models.registry import ENCODERS, HEADS, LOSSES, POOLINGS
+from models.registry import CLASSIFIERS, ENCODERS, HEADS, LOSSES, POOLINGS
 
 
 def padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -22,13 +22,14 @@ class SpeakerClassifier(nn.Module):
         self.prenet = nn.Linear(n_mels, cfg.d_model)
         self.encoder = ENCODERS.build(cfg.encoder, cfg)
         self.pooling = POOLINGS.build(cfg.pooling, cfg)
-        self.head = HEADS.build(cfg.head_kind, cfg, self.pooling.out_dim, n_classes)
+        self.head = HEADS.build(cfg.head_kind, cfg, self.pooling.out_dim)
+        self.classifier = CLASSIFIERS.build(cfg.classifier, cfg, self.head.out_dim, n_classes)
         self.criterion = LOSSES.build(cfg.loss, cfg)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         mask = padding_mask(lengths, x.shape[1])
-        h = self.encoder(self.prenet(x), mask)  # (B, T, D)
-        return self.head(self.pooling(h, mask))  # (B, C)
+        h, mask = self.encoder(self.prenet(x), mask)  # (B, T', D); T' < T when the encoder subsamples
+        return self.classifier(self.head(self.pooling(h, mask)))  # (B, C)
 
 
 def build_model(cfg: ModelConfig, n_mels: int, n_classes: int) -> SpeakerClassifier:

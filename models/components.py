@@ -1,6 +1,7 @@
 """Encoders, poolings, heads and losses, each registered under the name a study file uses.
 
-Shapes at the seams: features (B, T, n_mels) -> encoder (B, T, D) -> pooling (B, D') -> head (B, C).
+Shapes at the seams: features (B, T, n_mels) -> encoder (B, T, D) -> pooling (B, D') -> head (B, E)
+-> classifier (B, C) logits.
 `mask` is (B, T) bool with True on padded frames (PyTorch's key_padding_mask convention).
 """
 from __future__ import annotations
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from models.config import ModelConfig
-from models.registry import ACTIVATIONS, ENCODERS, HEADS, LOSSES, POOLINGS
+from models.registry import ACTIVATIONS, CLASSIFIERS, ENCODERS, HEADS, LOSSES, POOLINGS
 
 for _name, _cls in {"relu": nn.ReLU, "gelu": nn.GELU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "silu": nn.SiLU}.items():
     ACTIVATIONS.register(_name)(_cls)
@@ -26,8 +27,8 @@ class TransformerEncoder(nn.Module):
         # The nested-tensor fast path drops padded positions and is not used in training anyway.
         self.layers = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.layers(x, src_key_padding_mask=mask)  # (B, T, D)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layers(x, src_key_padding_mask=mask), mask  # (B, T, D), (B, T)
 
 
 @ENCODERS.register("transformer")
@@ -52,20 +53,29 @@ def _mean(cfg: ModelConfig) -> nn.Module:
     return MeanPooling(cfg.d_model)
 
 
+class MLPHead(nn.Sequential):
+    """The hidden layers between pooling and the classifier (none for the "linear" layout)."""
+
+    def __init__(self, in_dim: int, hidden: tuple[int, ...], activation: str, dropout: float) -> None:
+        layers: list[nn.Module] = []
+        for size in hidden:
+            layers += [nn.Linear(in_dim, size), ACTIVATIONS.build(activation)]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            in_dim = size
+        super().__init__(*layers)
+        self.out_dim = in_dim
+
+
 @HEADS.register("linear")
+@HEADS.register("mlp")
+def _mlp(cfg: ModelConfig, in_dim: int) -> nn.Module:
+    return MLPHead(in_dim, cfg.head_hidden, cfg.head_activation, cfg.head_dropout)
+
+
+@CLASSIFIERS.register("linear")
 def _linear(cfg: ModelConfig, in_dim: int, n_classes: int) -> nn.Module:
     return nn.Linear(in_dim, n_classes)
-
-
-@HEADS.register("mlp")
-def _mlp(cfg: ModelConfig, in_dim: int, n_classes: int) -> nn.Module:
-    layers: list[nn.Module] = []
-    for hidden in cfg.head_hidden:
-        layers += [nn.Linear(in_dim, hidden), ACTIVATIONS.build(cfg.head_activation)]
-        if cfg.head_dropout:
-            layers.append(nn.Dropout(cfg.head_dropout))
-        in_dim = hidden
-    return nn.Sequential(*layers, nn.Linear(in_dim, n_classes))
 
 
 @LOSSES.register("ce")

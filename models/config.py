@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from models.registry import ACTIVATIONS, ENCODERS, HEADS, LOSSES, POOLINGS, ConfigError
+from models.registry import ACTIVATIONS, CLASSIFIERS, ENCODERS, HEADS, LOSSES, POOLINGS, ConfigError
 
 
 @dataclass(frozen=True)
@@ -21,11 +21,23 @@ class ModelConfig:
     head_dropout: float = 0.0
     loss: str = "ce"
     label_smoothing: float = 0.0
+    # Conformer and front end (issue 3); `dropout` is the feed-forward/residual dropout of every encoder.
+    subsample: bool = False  # two stride-2 convolutions before the encoder (T -> about T/4)
+    conv_kernel: int = 31  # Conformer depthwise convolution kernel size (odd)
+    conv_expansion: int = 2  # Conformer pointwise expansion before the GLU
+    attn_dropout: float = 0.1  # Conformer attention-weight dropout
+    conv_dropout: float = 0.1  # Conformer convolution-module output dropout
+    # Pooling, classifier and margin losses.
+    pool_hidden: int = 128  # bottleneck of attentive statistics pooling
+    classifier: str = "linear"  # "linear" (with bias) or "cosine" (L2-normalised, no bias; margin losses)
+    scale: float = 30.0  # logits = scale * cosine for the cosine classifier
+    margin: float = 0.2  # AM-Softmax (cos - m) / AAM-Softmax (cos(theta + m))
+    margin_warmup_steps: int = 0  # margin grows linearly from 0 over these steps
 
     def __post_init__(self) -> None:
-        for key in ("encoder", "pooling", "head", "head_activation", "loss"):
+        for key in ("encoder", "pooling", "head", "head_activation", "loss", "classifier"):
             _require(isinstance(getattr(self, key), str), key, getattr(self, key), "a string")
-        for key in ("d_model", "nhead", "n_layers"):
+        for key in ("d_model", "nhead", "n_layers", "conv_expansion", "pool_hidden"):
             value = getattr(self, key)
             positive = isinstance(value, int) and not isinstance(value, bool) and value >= 1
             _require(positive, key, value, "a positive integer")
@@ -36,7 +48,14 @@ class ModelConfig:
                 f"valid nhead: {', '.join(map(str, divisors))}"
             )
         _require(_is_number(self.ff_mult) and self.ff_mult > 0, "ff_mult", self.ff_mult, "a positive number")
-        for key in ("dropout", "head_dropout", "label_smoothing"):
+        _require(isinstance(self.conv_kernel, int) and self.conv_kernel >= 1 and self.conv_kernel % 2 == 1,
+                 "conv_kernel", self.conv_kernel, "a positive odd integer")
+        _require(isinstance(self.subsample, bool), "subsample", self.subsample, "true or false")
+        _require(_is_number(self.scale) and self.scale > 0, "scale", self.scale, "a positive number")
+        _require(_is_number(self.margin) and 0 <= self.margin < 1, "margin", self.margin, "a number in [0, 1)")
+        _require(isinstance(self.margin_warmup_steps, int) and self.margin_warmup_steps >= 0,
+                 "margin_warmup_steps", self.margin_warmup_steps, "an integer >= 0")
+        for key in ("dropout", "head_dropout", "label_smoothing", "attn_dropout", "conv_dropout"):
             value = getattr(self, key)
             _require(_is_number(value) and 0 <= value < 1, key, value, "a number in [0, 1)")
         ENCODERS.check(self.encoder, "model.encoder")
@@ -44,6 +63,7 @@ class ModelConfig:
         HEADS.check(self.head_kind, "model.head")
         ACTIVATIONS.check(self.head_activation, "model.head_activation")
         LOSSES.check(self.loss, "model.loss")
+        CLASSIFIERS.check(self.classifier, "model.classifier")
         self.head_hidden  # noqa: B018 - parses the layout, raising on a malformed one
 
     @property

@@ -10,7 +10,7 @@ class ConfigError(ValueError):
 
 
 class Registry:
-    """Maps names to constructors for one component kind (encoder, pooling, head, loss, activation)."""
+    """Maps names to constructors for one component kind (encoder, pooling, head, classifier, loss, activation)."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -40,5 +40,6 @@ class Registry:
 ENCODERS = Registry("encoder")
 POOLINGS = Registry("pooling")
 HEADS = Registry("head")
+CLASSIFIERS = Registry("classifier")
 LOSSES = Registry("loss")
 ACTIVATIONS = Registry("activation")

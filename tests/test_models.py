@@ -36,7 +36,7 @@ def test_padded_utterance_equals_utterance_alone(head):
 
 def test_head_layout_builds_the_sample_codes_mlp():
     model = build_model(ModelConfig(head="mlp-80", head_activation="sigmoid"), n_mels=40, n_classes=600)
-    layers = list(model.head)
+    layers = [*model.head, model.classifier]
     assert [type(m) for m in layers] == [nn.Linear, nn.Sigmoid, nn.Linear]
     assert (layers[0].in_features, layers[0].out_features, layers[2].out_features) == (80, 80, 600)
     assert model.encoder.layers.layers[0].linear1.out_features == 256  # ff_mult 3.2 * 80
