@@ -7,7 +7,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
-ATTR_COLUMNS = ("n_params", "steps_run", "steps_per_s", "best_step", "seed")
+ATTR_COLUMNS = ("n_params", "flops_per_segment", "steps_run", "steps_per_s", "best_step", "seed")
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:

@@ -15,6 +15,8 @@ from search.strategies import make_pruner, make_sampler
 from search.train import NonFiniteLossError, train
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+RESULT_ATTRS = ("n_params", "flops_per_segment", "steps_run", "steps_per_s", "samples_per_s", "best_valid_acc",
+                "best_step", "device")
 
 
 def make_objective(spec: StudySpec, store: PackedStore) -> Callable[[optuna.Trial], float]:
@@ -36,7 +38,7 @@ def make_objective(spec: StudySpec, store: PackedStore) -> Callable[[optuna.Tria
         except NonFiniteLossError as err:
             trial.set_user_attr("fail_reason", str(err))
             raise
-        for key in ("n_params", "steps_run", "steps_per_s", "samples_per_s", "best_valid_acc", "best_step", "device"):
+        for key in RESULT_ATTRS:
             trial.set_user_attr(key, getattr(result, key))
         if result.pruned:
             raise optuna.TrialPruned(f"pruned at step {result.steps_run}")

@@ -13,6 +13,7 @@ import torch
 from data.batches import CropSampler, fixed_valid_batches, split
 from data.packed import PackedStore
 from models import SpeakerClassifier, build_model, count_parameters
+from models.flops import forward_flops
 from search.config import RunConfig
 
 # (step, validation accuracy) -> True when the caller wants the run stopped (e.g. an Optuna prune).
@@ -32,6 +33,7 @@ class TrainResult:
     steps_run: int
     pruned: bool
     n_params: int
+    flops_per_segment: int  # one forward pass on one segment_len crop
     steps_per_s: float
     samples_per_s: float
     device: str
@@ -95,7 +97,8 @@ def train(
     use_amp = t.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported())
 
-    result = TrainResult(0.0, 0, 0, False, count_parameters(model), 0.0, 0.0, str(device))
+    flops = forward_flops(model, store.n_mels, t.segment_len)
+    result = TrainResult(0.0, 0, 0, False, count_parameters(model), flops, 0.0, 0.0, str(device))
     loss_sum, loss_steps, train_seconds, tick = torch.zeros((), device=device), 0, 0.0, time.perf_counter()
     model.train()
     for step in range(1, t.max_steps + 1):

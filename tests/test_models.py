@@ -77,3 +77,14 @@ def test_invalid_config_is_refused_with_the_key_named(kwargs, fragment):
 def test_label_smoothing_reaches_the_loss():
     model = build_model(small(label_smoothing=0.2), 8, 5)
     assert model.criterion.label_smoothing == 0.2
+
+
+def test_forward_flops_match_a_hand_count():
+    from models.flops import forward_flops
+
+    T, n_mels, d, ff, C = 10, 8, 16, 32, 5
+    model = build_model(ModelConfig(d_model=d, nhead=2, ff_mult=2.0, head="mlp-12"), n_mels, C).eval()
+    attention = 2 * T * d * 3 * d + 2 * (2 * T * T * d) + 2 * T * d * d  # qkv, scores and weighted sum, out
+    hand = 2 * T * n_mels * d + attention + 2 * (2 * T * d * ff) + 2 * d * 12 + 2 * 12 * C
+    assert forward_flops(model, n_mels, T) == hand
+    assert not model.training  # counted on a copy

@@ -45,7 +45,8 @@ def test_every_trial_stores_what_a_table_needs(tmp_path, tiny_store):
     attrs = trial.user_attrs
     assert attrs["run_config"]["model"]["d_model"] == 16 and attrs["run_config"]["train"]["max_steps"] == 60
     assert attrs["seed"] == attrs["run_config"]["train"]["seed"] == 0
-    assert attrs["n_params"] > 0 and attrs["steps_run"] == 60 and attrs["steps_per_s"] > 0
+    assert attrs["n_params"] > 0 and attrs["flops_per_segment"] > 2 * attrs["n_params"]
+    assert attrs["steps_run"] == 60 and attrs["steps_per_s"] > 0
     assert attrs["samples_per_s"] == pytest.approx(16 * attrs["steps_per_s"])
     assert attrs["best_valid_acc"] == trial.value
     assert attrs["data_fingerprint"] == tiny_store.fingerprint
