@@ -6,6 +6,7 @@ a list is a categorical choice, a table {low, high[, log][, step]} a numeric ran
 from __future__ import annotations
 
 import itertools
+import json
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -79,10 +80,15 @@ class StudySpec:
     pruner: dict[str, Any] = field(default_factory=lambda: {"name": "median"})
     model: dict[str, Param] = field(default_factory=dict)
     train: dict[str, Param] = field(default_factory=dict)
+    # [model.when.PARENT.CHOICE]: keys sampled only in trials where model.PARENT took CHOICE.
+    when: dict[str, dict[str, dict[str, Param]]] = field(default_factory=dict)
 
     def run_config(self, trial: optuna.Trial) -> RunConfig:
-        """Sample (or fix) every [model]/[train] value for one trial."""
+        """Sample (or fix) every [model]/[train] value for one trial; conditional keys only when active."""
         model = {name: p.suggest(trial) for name, p in self.model.items()}
+        for parent, branches in self.when.items():
+            for name, p in branches.get(choice_key(model[parent]), {}).items():
+                model[name] = p.suggest(trial)
         train = {name: p.suggest(trial) for name, p in self.train.items()}
         train.setdefault("seed", self.seed + trial.number)
         return _build_run_config(model, train, self.data)
@@ -92,6 +98,9 @@ class StudySpec:
         (Sampler, pruner and seed may change: they steer new trials without making old ones incomparable.)"""
         return {
             "model": {k: _param_dict(p) for k, p in sorted(self.model.items())},
+            "when": {parent: {choice: {k: _param_dict(p) for k, p in sorted(params.items())}
+                              for choice, params in sorted(branches.items())}
+                     for parent, branches in sorted(self.when.items())},
             "train": {k: _param_dict(p) for k, p in sorted(self.train.items())},
             "data": {f.name: getattr(self.data, f.name) for f in fields(DataConfig)},
         }
@@ -158,12 +167,14 @@ def _parse(path: Path, raw: dict[str, Any]) -> StudySpec:
         data=DataConfig(**{k: v for k, v in data.items() if k not in ("path", "synthetic")}),
         sampler=_strategy(raw, "sampler", "tpe"),
         pruner=_strategy(raw, "pruner", "median"),
-        model=_params(_table(raw, "model")),
+        model=_params({k: v for k, v in _table(raw, "model").items() if k != "when"}),
+        when=_conditions(_table(raw, "model")),
         train=_params(_table(raw, "train")),
     )
     if "path" in data and spec.data_path is None:
         raise SpecError(f"data.path={data['path']!r} must be a string (a HW4 folder)")
     _check_heads(spec.model)
+    _check_conditions(spec)
     _probe(spec)
     return spec
 
@@ -225,6 +236,57 @@ def _param(name: str, value: Any) -> Param:
     return Param(name, value=value)
 
 
+def choice_key(value: Any) -> str:
+    """How a choice is spelled as a TOML table key: strings as they are, other values as TOML/JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _conditions(model: dict[str, Any]) -> dict[str, dict[str, dict[str, Param]]]:
+    """[model.when.PARENT.CHOICE] tables -> {parent: {choice: {key: Param}}}.
+
+    A key defined differently under several branches gets a qualified Optuna name
+    (e.g. "margin@loss=aam_softmax"), since one name must keep one distribution."""
+    when = model.get("when", {})
+    if not isinstance(when, dict) or not all(
+        isinstance(b, dict) and all(isinstance(t, dict) for t in b.values()) for b in when.values()
+    ):
+        raise SpecError("model.when must hold tables [model.when.PARENT.CHOICE], e.g. [model.when.loss.am_softmax]")
+    definitions: dict[str, set[str]] = {}
+    for branches in when.values():
+        for table in branches.values():
+            for key, value in table.items():
+                definitions.setdefault(key, set()).add(repr(value))
+    parsed: dict[str, dict[str, dict[str, Param]]] = {}
+    for parent, branches in when.items():
+        for choice, table in branches.items():
+            params = parsed.setdefault(parent, {}).setdefault(choice, {})
+            for key, value in table.items():
+                name = key if len(definitions[key]) == 1 else f"{key}@{parent}={choice}"
+                params[key] = _param(name, value)
+    return parsed
+
+
+def _check_conditions(spec: StudySpec) -> None:
+    for parent, branches in spec.when.items():
+        if parent not in spec.model:
+            raise SpecError(f"model.when.{parent}: model.{parent} must be set in [model] (a value or a choice list)")
+        choices = [choice_key(v) for v in spec.model[parent].candidates()]
+        for choice, params in branches.items():
+            if choice not in choices:
+                raise SpecError(
+                    f"model.when.{parent}.{choice}: {choice!r} is not a choice of model.{parent}; "
+                    f"choices: {', '.join(choices)}"
+                )
+            for key in params:
+                if key in ("d_model", "nhead", "head_dim", "when") or key in spec.when:
+                    raise SpecError(f"model.when.{parent}.{choice}.{key}: {key} cannot be conditional")
+                if key in spec.model and spec.model[key].searched:
+                    raise SpecError(
+                        f"model.when.{parent}.{choice}.{key}: model.{key} is already searched in [model]; "
+                        "a conditional key may only override a fixed value"
+                    )
+
+
 def _check_heads(model: dict[str, Param]) -> None:
     """Every sampled (d_model, nhead) must be valid, since Optuna choices cannot depend on each other."""
     if "head_dim" in model:
@@ -259,10 +321,25 @@ def _probe(spec: StudySpec) -> None:
     train = {k: p.candidates()[0] for k, p in spec.train.items()}
     for name, param in spec.model.items():
         for value in param.candidates():
-            _build_run_config({**model, name: value}, train, spec.data)
+            _build_run_config(_with_branches(spec, {**model, name: value}), train, spec.data)
     for name, param in spec.train.items():
         for value in param.candidates():
-            _build_run_config(model, {**train, name: value}, spec.data)
+            _build_run_config(_with_branches(spec, model), {**train, name: value}, spec.data)
+    for parent, branches in spec.when.items():
+        for choice, params in branches.items():
+            value = next(v for v in spec.model[parent].candidates() if choice_key(v) == choice)
+            active = _with_branches(spec, {**model, parent: value})
+            for name, param in params.items():
+                for candidate in param.candidates():
+                    _build_run_config({**active, name: candidate}, train, spec.data)
+
+
+def _with_branches(spec: StudySpec, model: dict[str, Any]) -> dict[str, Any]:
+    """model values plus the first candidate of every conditional key that these values activate."""
+    active = dict(model)
+    for parent, branches in spec.when.items():
+        active.update({k: p.candidates()[0] for k, p in branches.get(choice_key(model[parent]), {}).items()})
+    return active
 
 
 def _build_run_config(model: dict[str, Any], train: dict[str, Any], data: DataConfig) -> RunConfig:

@@ -101,3 +101,65 @@ def test_bad_study_file_gives_one_line_error_naming_file_and_key(tmp_path, body,
 def test_missing_study_file(tmp_path):
     with pytest.raises(SpecError, match="study file not found"):
         load_spec(tmp_path / "nope.toml")
+
+
+CONDITIONAL = """
+[model]
+d_model = 16
+nhead = 2
+head = ["linear", "mlp-32"]
+head_dropout = 0.0
+[model.when.head.mlp-32]
+head_dropout = { low = 0.0, high = 0.5 }
+head_activation = ["relu", "gelu"]
+"""
+
+
+def test_conditional_keys_are_sampled_only_when_their_parent_choice_is_active(tmp_path):
+    spec = load_spec(write_study(tmp_path / "c.toml", CONDITIONAL))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    heads = set()
+    for _ in range(30):
+        trial = study.ask()
+        cfg = spec.run_config(trial)
+        heads.add(cfg.model.head)
+        if cfg.model.head == "mlp-32":
+            assert {"head_dropout", "head_activation"} <= set(trial.params)
+            assert cfg.model.head_dropout == trial.params["head_dropout"]
+        else:
+            assert "head_dropout" not in trial.params and "head_activation" not in trial.params
+            assert cfg.model.head_dropout == 0.0 and cfg.model.head_activation == "relu"
+        study.tell(trial, 0.0)
+    assert heads == {"linear", "mlp-32"}
+
+
+def test_a_key_defined_differently_in_two_branches_gets_qualified_names(tmp_path):
+    spec = load_spec(write_study(tmp_path / "q.toml", """
+[model]
+head = ["mlp-8", "mlp-16"]
+[model.when.head.mlp-8]
+head_dropout = { low = 0.0, high = 0.2 }
+[model.when.head.mlp-16]
+head_dropout = { low = 0.1, high = 0.5 }
+"""))
+    assert spec.when["head"]["mlp-8"]["head_dropout"].name == "head_dropout@head=mlp-8"
+    assert spec.when["head"]["mlp-16"]["head_dropout"].name == "head_dropout@head=mlp-16"
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ("[model]\nhead = ['linear']\n[model.when.head.mlp-8]\nhead_dropout = 0.1\n",
+         "model.when.head.mlp-8: 'mlp-8' is not a choice of model.head; choices: linear"),
+        ("[model.when.pooling.mean]\nhead_dropout = 0.1\n", "model.pooling must be set in [model]"),
+        ("[model]\nhead = ['linear', 'mlp-8']\nhead_dropout = [0.0, 0.1]\n"
+         "[model.when.head.mlp-8]\nhead_dropout = 0.2\n", "model.head_dropout is already searched"),
+        ("[model]\nhead = ['linear', 'mlp-8']\n[model.when.head.mlp-8]\nhead_dropout = 2.0\n",
+         "model.head_dropout=2.0 must be a number in [0, 1)"),
+        ("[model]\nhead = ['linear', 'mlp-8']\n[model.when.head.mlp-8]\nnhead = 4\n", "nhead cannot be conditional"),
+    ],
+)
+def test_bad_conditions_are_refused(tmp_path, body, fragment):
+    with pytest.raises(SpecError) as err:
+        load_spec(write_study(tmp_path / "bad.toml", body))
+    assert fragment in str(err.value)
