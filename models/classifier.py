@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from models.config import ModelConfig
+from models.frontend import ConvSubsampling
 from models.registry import CLASSIFIERS, ENCODERS, HEADS, LOSSES, POOLINGS
 
 
@@ -20,6 +21,8 @@ class SpeakerClassifier(nn.Module):
         super().__init__()
         self.config = cfg
         self.prenet = nn.Linear(n_mels, cfg.d_model)
+        if cfg.subsample:  # only then, so the state-dict keys of other models are unchanged
+            self.subsample = ConvSubsampling(cfg.d_model)
         self.encoder = ENCODERS.build(cfg.encoder, cfg)
         self.pooling = POOLINGS.build(cfg.pooling, cfg)
         self.head = HEADS.build(cfg.head_kind, cfg, self.pooling.out_dim)
@@ -28,7 +31,10 @@ class SpeakerClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         mask = padding_mask(lengths, x.shape[1])
-        h, mask = self.encoder(self.prenet(x), mask)  # (B, T', D); T' < T when the encoder subsamples
+        h = self.prenet(x)  # (B, T, D)
+        if self.config.subsample:
+            h, mask = self.subsample(h, mask)  # (B, T', D), T' = about T / 4
+        h, mask = self.encoder(h, mask)  # (B, T', D); T' < T when the encoder subsamples
         return self.classifier(self.head(self.pooling(h, mask)))  # (B, C)
 
 

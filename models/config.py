@@ -64,6 +64,14 @@ class ModelConfig:
         ACTIVATIONS.check(self.head_activation, "model.head_activation")
         LOSSES.check(self.loss, "model.loss")
         CLASSIFIERS.check(self.classifier, "model.classifier")
+        for registry, key in ((ENCODERS, "encoder"), (POOLINGS, "pooling"), (LOSSES, "loss")):
+            name = getattr(self, key)
+            for other, needed in registry.requirements(name).items():
+                actual = getattr(self, other)
+                if actual != needed:
+                    raise ConfigError(
+                        f"model.{key}={name!r} needs model.{other}={needed!r}, not model.{other}={actual!r}"
+                    )
         self.head_hidden  # noqa: B018 - parses the layout, raising on a malformed one
 
     @property

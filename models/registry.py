@@ -15,15 +15,25 @@ class Registry:
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._constructors: dict[str, Callable[..., Any]] = {}
+        self._requires: dict[str, dict[str, Any]] = {}
 
-    def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def register(
+        self, name: str, requires: dict[str, Any] | None = None
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator; `requires` names other ModelConfig values this component only works with
+        (e.g. a margin loss needs classifier="cosine"), checked when a config is validated."""
+
         def add(constructor: Callable[..., Any]) -> Callable[..., Any]:
             if name in self._constructors:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._constructors[name] = constructor
+            self._requires[name] = dict(requires or {})
             return constructor
 
         return add
+
+    def requirements(self, name: str) -> dict[str, Any]:
+        return self._requires.get(name, {})
 
     def names(self) -> list[str]:
         return sorted(self._constructors)

@@ -93,6 +93,12 @@ class StudySpec:
         train.setdefault("seed", self.seed + trial.number)
         return _build_run_config(model, train, self.data)
 
+    def default_run_config(self) -> RunConfig:
+        """The space's first point: first choice of every list, low end of every range (for benches)."""
+        model = _with_branches(self, {k: p.candidates()[0] for k, p in self.model.items()})
+        train = {k: p.candidates()[0] for k, p in self.train.items()}
+        return _build_run_config(model, train, self.data)
+
     def identity(self) -> dict[str, Any]:
         """What must not change when a study is resumed: the space, the budget and the split.
         (Sampler, pruner and seed may change: they steer new trials without making old ones incomparable.)"""

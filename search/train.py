@@ -100,9 +100,12 @@ def train(
     flops = forward_flops(model, store.n_mels, t.segment_len)
     result = TrainResult(0.0, 0, 0, False, count_parameters(model), flops, 0.0, 0.0, str(device))
     loss_sum, loss_steps, train_seconds, tick = torch.zeros((), device=device), 0, 0.0, time.perf_counter()
+    set_margin_step = getattr(model.criterion, "set_step", None)  # margin losses' warm-up
     model.train()
     for step in range(1, t.max_steps + 1):
         batch = sampler.next_batch().to(device)
+        if set_margin_step is not None:
+            set_margin_step(step - 1)  # steps done so far: a warmed-up margin starts at 0, like the LR factor
         with _autocast(device, enabled=use_amp):
             logits = model(batch.x, batch.lengths)
         loss = model.criterion(logits.float(), batch.y)

@@ -58,7 +58,7 @@ def test_changing_a_size_changes_parameter_count():
     ("kwargs", "fragment"),
     [
         ({"d_model": 80, "nhead": 3}, "model.nhead=3 must divide model.d_model=80; valid nhead: 1, 2, 4, 5"),
-        ({"pooling": "attention"}, "model.pooling='attention' is not a known pooling; valid: mean"),
+        ({"pooling": "max"}, "model.pooling='max' is not a known pooling; valid: attention, attentive_stats, mean"),
         ({"head": "mlp-x"}, "model.head='mlp-x' is not a head layout"),
         ({"head": "mlp"}, "model.head='mlp' is not a head layout"),
         ({"dropout": 1.5}, "model.dropout=1.5 must be a number in [0, 1)"),

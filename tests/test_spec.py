@@ -163,3 +163,21 @@ def test_bad_conditions_are_refused(tmp_path, body, fragment):
     with pytest.raises(SpecError) as err:
         load_spec(write_study(tmp_path / "bad.toml", body))
     assert fragment in str(err.value)
+
+
+def test_a_margin_loss_without_the_cosine_classifier_fails_at_load(tmp_path):
+    with pytest.raises(SpecError, match="model.loss='am_softmax' needs model.classifier='cosine'"):
+        load_spec(write_study(tmp_path / "m.toml", "[model]\nloss = ['ce', 'am_softmax']\n"))
+    spec = load_spec(write_study(tmp_path / "ok.toml", """
+[model]
+loss = ['ce', 'am_softmax']
+[model.when.loss.am_softmax]
+classifier = "cosine"
+margin = { low = 0.1, high = 0.3 }
+"""))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(10):
+        trial = study.ask()
+        cfg = spec.run_config(trial)
+        assert cfg.model.classifier == ("cosine" if cfg.model.loss == "am_softmax" else "linear")
+        study.tell(trial, 0.0)
