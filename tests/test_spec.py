@@ -181,3 +181,27 @@ margin = { low = 0.1, high = 0.3 }
         cfg = spec.run_config(trial)
         assert cfg.model.classifier == ("cosine" if cfg.model.loss == "am_softmax" else "linear")
         study.tell(trial, 0.0)
+
+
+@pytest.mark.parametrize("name", ["sample", "medium", "strong", "boss"])
+def test_presets_default_model_builds_and_runs(name):
+    import torch
+
+    from models import build_model
+
+    path = Path(__file__).resolve().parent.parent / "studies" / f"{name}.toml"
+    cfg = load_spec(path).default_run_config()
+    model = build_model(cfg.model, n_mels=40, n_classes=600).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(2, 50, 40), torch.tensor([50, 20]))
+    assert logits.shape == (2, 600) and torch.isfinite(logits).all()
+    assert cfg.train.max_steps == 70000 and cfg.train.batch_size == 32  # sized for a GPU
+
+
+def test_sample_preset_is_the_official_sample_model():
+    cfg = load_spec(Path(__file__).resolve().parent.parent / "studies" / "sample.toml").default_run_config()
+    m = cfg.model
+    assert (m.encoder, m.d_model, m.nhead, m.n_layers) == ("transformer", 80, 2, 1)
+    assert (m.dim_feedforward, m.dropout) == (256, 0.1)
+    assert (m.pooling, m.head, m.head_activation, m.classifier, m.loss) == ("mean", "mlp-80", "sigmoid", "linear", "ce")
+    assert (cfg.train.lr, cfg.train.warmup_steps, cfg.train.valid_steps, cfg.train.seed) == (1e-3, 1000, 2000, 87)
