@@ -1,0 +1,236 @@
+"""Honest statistics for ablations: per-variant summaries, paired comparisons against a baseline, Holm correction.
+
+An ablation runs a baseline config and named variants over the same seeds; one (variant, seed) run is a
+"cell" with a final validation accuracy. Variants are compared with the baseline *paired by seed* (same data
+split and initialisation seed), which removes the seed-to-seed variance shared by both arms.
+
+Conventions:
+- 95% confidence intervals are t intervals (``scipy.stats.t``); bounds are NaN when n < 2.
+- Two-sided p-values from ``scipy.stats.ttest_rel`` and ``scipy.stats.wilcoxon`` (method chosen by scipy).
+- ``too_few_seeds`` flags comparisons whose Wilcoxon test can never reach p < 0.05: with n pairs the smallest
+  exact two-sided signed-rank p-value is 2 / 2**n (all differences of one sign), so n <= 5 is too few.
+  Zero differences are dropped by the Wilcoxon test, which raises that floor further. The paired t-test has no
+  such floor (a tiny spread gives any small p), so it is deliberately not used for the flag.
+- Only cells in state "complete" enter the statistics; pruned and failed cells are counted, never dropped
+  silently.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+CONFIDENCE = 0.95
+ALPHA = 0.05
+
+COMPARISON_COLUMNS = [
+    "n_pairs",
+    "delta",
+    "delta_ci_low",
+    "delta_ci_high",
+    "p_t",
+    "p_wilcoxon",
+    "p_t_holm",
+    "p_wilcoxon_holm",
+    "d_z",
+    "too_few_seeds",
+]
+TABLE_COLUMNS = [
+    "variant",
+    "n_complete",
+    "n_pruned",
+    "n_failed",
+    "mean",
+    "std",
+    "ci_low",
+    "ci_high",
+    *COMPARISON_COLUMNS,
+]
+
+
+def _finite_array(values: Sequence[float] | np.ndarray, what: str) -> np.ndarray:
+    """1-D float array; non-finite values are an error rather than silently dropped."""
+    arr = np.asarray(values, dtype=float).reshape(-1)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{what} contains non-finite values: {arr.tolist()}")
+    return arr
+
+
+def _t_interval(x: np.ndarray) -> tuple[float, float]:
+    """95% t confidence interval of the mean of x; NaN bounds for n < 2, a point when x is constant."""
+    n = x.size
+    if n < 2:
+        return math.nan, math.nan
+    mean = float(np.mean(x))
+    sem = float(np.std(x, ddof=1)) / math.sqrt(n)
+    if sem == 0.0:  # scipy rejects scale=0; the interval degenerates to the mean
+        return mean, mean
+    low, high = stats.t.interval(CONFIDENCE, df=n - 1, loc=mean, scale=sem)
+    return float(low), float(high)
+
+
+def summarize(values: Sequence[float] | np.ndarray) -> dict[str, float | int]:
+    """n, mean, std (ddof=1) and 95% t CI of the mean of one variant's accuracies over seeds.
+
+    std and CI bounds are NaN when n < 2 (no spread estimate); mean is NaN when n == 0.
+    """
+    x = _finite_array(values, "values")
+    n = int(x.size)
+    mean = float(np.mean(x)) if n else math.nan
+    std = float(np.std(x, ddof=1)) if n >= 2 else math.nan
+    ci_low, ci_high = _t_interval(x)
+    return {"n": n, "mean": mean, "std": std, "ci_low": ci_low, "ci_high": ci_high}
+
+
+def min_p_wilcoxon(n_pairs: int) -> float:
+    """Smallest two-sided exact Wilcoxon signed-rank p-value attainable with n_pairs nonzero pairs: 2 / 2**n.
+
+    Capped at 1 (n = 0 or 1 can never give evidence).
+    """
+    return min(1.0, 2.0 / 2.0**n_pairs)
+
+
+def cohen_dz(diffs: np.ndarray) -> float:
+    """Cohen's d_z = mean / std (ddof=1) of paired differences.
+
+    NaN for fewer than 2 pairs; with zero spread: 0 if the mean is 0, else +/-inf with the sign of the mean.
+    """
+    if diffs.size < 2:
+        return math.nan
+    mean = float(np.mean(diffs))
+    std = float(np.std(diffs, ddof=1))
+    if std == 0.0:
+        return 0.0 if mean == 0.0 else math.copysign(math.inf, mean)
+    return mean / std
+
+
+def _p_ttest(variant: np.ndarray, baseline: np.ndarray) -> float:
+    """Two-sided paired t-test p; NaN for < 2 pairs, and the limits for constant differences.
+
+    Constant differences make t = 0/0 or +/-inf: we return 1.0 when they are all zero (no difference seen)
+    and 0.0 otherwise, the same as scipy's limit, without its division warnings.
+    """
+    diffs = variant - baseline
+    if diffs.size < 2:
+        return math.nan
+    if np.all(diffs == diffs[0]):
+        return 1.0 if diffs[0] == 0.0 else 0.0
+    return float(stats.ttest_rel(variant, baseline).pvalue)
+
+
+def _p_wilcoxon(diffs: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p on paired differences; NaN with no pairs, 1.0 when all are zero.
+
+    The all-zero case is answered here because scipy warns (0/0 in its normal approximation) there.
+    """
+    if diffs.size == 0:
+        return math.nan
+    if np.all(diffs == 0.0):
+        return 1.0
+    return float(stats.wilcoxon(diffs).pvalue)
+
+
+def paired_comparison(baseline: Mapping[int, float], variant: Mapping[int, float]) -> dict[str, float | int | bool]:
+    """Compare variant with baseline paired by seed (dict keys); seeds missing from either arm are left out.
+
+    Returns n_pairs, delta = mean(variant - baseline) with its 95% t CI, two-sided p_t (paired t-test) and
+    p_wilcoxon (signed-rank), d_z (Cohen's), min_p_wilcoxon = 2 / 2**n_pairs and too_few_seeds (that floor
+    is >= 0.05, i.e. even a perfectly consistent difference could not be significant by Wilcoxon).
+    """
+    seeds = sorted(set(baseline) & set(variant))
+    b = _finite_array([baseline[s] for s in seeds], "baseline")
+    v = _finite_array([variant[s] for s in seeds], "variant")
+    diffs = v - b
+    n = int(diffs.size)
+    delta_ci_low, delta_ci_high = _t_interval(diffs)
+    floor = min_p_wilcoxon(n)
+    return {
+        "n_pairs": n,
+        "delta": float(np.mean(diffs)) if n else math.nan,
+        "delta_ci_low": delta_ci_low,
+        "delta_ci_high": delta_ci_high,
+        "p_t": _p_ttest(v, b),
+        "p_wilcoxon": _p_wilcoxon(diffs),
+        "d_z": cohen_dz(diffs),
+        "min_p_wilcoxon": floor,
+        "too_few_seeds": bool(floor >= ALPHA),
+    }
+
+
+def holm(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values (step-down; controls the family-wise error rate), same order as input.
+
+    With the m non-NaN p-values sorted ascending, p_(i) becomes max_{j<=i} min(1, (m - j + 1) p_(j)).
+    NaNs stay NaN and do not count in m. (scipy.stats.false_discovery_control only does BH/BY.)
+    """
+    p = np.asarray(pvalues, dtype=float).reshape(-1)
+    out = np.full(p.shape, np.nan)
+    idx = np.flatnonzero(~np.isnan(p))
+    m = idx.size
+    if m == 0:
+        return out
+    order = idx[np.argsort(p[idx], kind="stable")]
+    scaled = (m - np.arange(m)) * p[order]
+    out[order] = np.minimum(1.0, np.maximum.accumulate(scaled))
+    return out
+
+
+def _state_counts(group: pd.DataFrame) -> dict[str, int]:
+    """Counts of complete, pruned and failed (every other state) cells of one variant."""
+    state = group["state"].astype(str)
+    n_complete = int((state == "complete").sum())
+    n_pruned = int((state == "pruned").sum())
+    return {"n_complete": n_complete, "n_pruned": n_pruned, "n_failed": int(len(group) - n_complete - n_pruned)}
+
+
+def _complete_by_seed(group: pd.DataFrame, variant: str) -> dict[int, float]:
+    """seed -> accuracy of the complete cells of one variant; two complete cells for one seed are an error."""
+    done = group[group["state"].astype(str) == "complete"]
+    if done["seed"].duplicated().any():
+        dup = sorted(done.loc[done["seed"].duplicated(), "seed"].tolist())
+        raise ValueError(f"variant {variant!r} has several complete cells for seeds {dup}")
+    return {int(s): float(v) for s, v in zip(done["seed"], done["value"], strict=True)}
+
+
+def ablation_table(cells: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """One row per variant (baseline first, then order of first appearance) with summaries and comparisons.
+
+    cells has columns variant, seed, state, value. Only "complete" cells enter the statistics; n_pruned counts
+    "pruned" and n_failed counts every other non-complete state, so nothing disappears from the table.
+    Comparison columns are paired by seed against the baseline's complete cells (n_pairs says how many
+    pairs), Holm-corrected across the non-baseline variants, and NaN on the baseline row.
+    """
+    missing = {"variant", "seed", "state", "value"} - set(cells.columns)
+    if missing:
+        raise ValueError(f"cells lacks columns {sorted(missing)}")
+    order = list(dict.fromkeys(cells["variant"].tolist()))
+    if baseline not in order:
+        raise ValueError(f"baseline {baseline!r} has no cells")
+    order = [baseline] + [v for v in order if v != baseline]
+    groups = {name: cells[cells["variant"] == name] for name in order}
+    by_seed = {name: _complete_by_seed(groups[name], name) for name in order}
+
+    rows = []
+    for name in order:
+        s = summarize(list(by_seed[name].values()))
+        row: dict[str, object] = {"variant": name, **_state_counts(groups[name])}
+        row.update({k: s[k] for k in ("mean", "std", "ci_low", "ci_high")})
+        if name == baseline:
+            row.update({k: math.nan for k in COMPARISON_COLUMNS})
+        else:
+            row.update(paired_comparison(by_seed[baseline], by_seed[name]))
+        rows.append(row)
+
+    table = pd.DataFrame(rows).reindex(columns=TABLE_COLUMNS)
+    # Nullable dtypes so the baseline's missing comparisons stay NA without turning ints/bools into floats/objects.
+    table["n_pairs"] = table["n_pairs"].astype("Int64")
+    table["too_few_seeds"] = table["too_few_seeds"].astype("boolean")
+    others = table["variant"] != baseline
+    for col in ("p_t", "p_wilcoxon"):
+        table[f"{col}_holm"] = math.nan
+        table.loc[others, f"{col}_holm"] = holm(table.loc[others, col].to_numpy(dtype=float))
+    return table
