@@ -56,7 +56,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a study-file value, e.g. train.max_steps=200 or model.d_model=[64,128]")
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("report", help="print the top trials and write Markdown and CSV")
+    p = sub.add_parser("ablate", help="run or resume an ablation: fixed variants x seeds, then its table")
+    p.add_argument("study", type=Path, help="ablation study file, e.g. studies/boss_ablation.toml")
+    p.add_argument("--data", type=Path, help="HW4 folder (overrides data.path)")
+    p.add_argument("--storage", help="storage URL (default: sqlite file beside the study file)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a study-file value, e.g. train.max_steps=200 or ablation.seeds=[0,1,2]")
+    p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("report", help="print the top trials (or ablation table) and write Markdown and CSV")
     p.add_argument("study", help="study file or study name")
     p.add_argument("--storage", help="storage URL (default: from the study file)")
     p.add_argument("--out", type=Path, help="output folder (default: results/STUDY)")
@@ -88,11 +96,13 @@ def cmd_pack(args: argparse.Namespace) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from search.spec import load_spec
+    from search.spec import SpecError, load_spec
     from search.storage import default_storage_url
     from search.study import create_or_resume, run_study
 
     spec = load_spec(args.study, args.overrides)
+    if spec.is_ablation:
+        raise SpecError(f"{spec.path}: this is an ablation study file; run it with: run-study ablate {spec.path}")
     _check_positive("--n-trials", args.n_trials)
     _check_positive("--timeout", args.timeout)
     store = _open_data(spec, args.data)
@@ -106,6 +116,28 @@ def cmd_search(args: argparse.Namespace) -> None:
     print(f"study {spec.name!r}: {started} trial(s) run now; storage {url}")
     _print_report(study, Path("results") / spec.name, top=5)
     print(f"dashboard: optuna-dashboard {url}")
+
+
+def cmd_ablate(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from search.ablation import baseline_config, identity, load_ablation, run_ablation
+    from search.storage import default_storage_url
+    from search.study import create_or_resume
+
+    ablation = load_ablation(args.study, args.overrides)
+    spec = dataclasses.replace(ablation.study, pruner={"name": "none"})  # every cell trains its full budget
+    store = _open_data(spec, args.data)
+    url = args.storage or spec.storage or default_storage_url(spec)
+    rows = ablation.rows(baseline_config(ablation, url))
+    _set_threads()
+    study = create_or_resume(spec, url, store.fingerprint, identity(ablation, rows))
+    for key, value in (("kind", "ablation"), ("rows", list(rows)), ("baseline_row", next(iter(rows))),
+                       ("seeds", list(ablation.seeds))):
+        study.set_user_attr(key, value)
+    ran = run_ablation(study, ablation, rows, store)
+    print(f"ablation {spec.name!r}: {ran} cell(s) run now; storage {url}")
+    _print_report(study, Path("results") / spec.name, top=0)
 
 
 def cmd_report(args: argparse.Namespace) -> None:

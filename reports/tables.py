@@ -7,6 +7,8 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
+from reports.ablation import ablation_frame, ablation_markdown, is_ablation
+
 ATTR_COLUMNS = ("n_params", "flops_per_segment", "steps_run", "steps_per_s", "best_step", "seed")
 
 
@@ -61,10 +63,16 @@ def markdown(study: optuna.Study, frame: pd.DataFrame, k: int) -> str:
 
 
 def write_report(study: optuna.Study, out: Path, k: int = 10) -> tuple[str, list[Path]]:
-    """Write <out>/<study>.md and <out>/<study>.csv (all trials); return the Markdown and the paths."""
-    frame = trials_frame(study)
+    """Write <out>/<study>.md and <out>/<study>.csv; return the Markdown and the paths.
+
+    A search gets its top trials and all trials as CSV; an ablation its statistics table."""
+    if is_ablation(study):
+        frame = ablation_frame(study)
+        text = ablation_markdown(study, frame)
+    else:
+        frame = trials_frame(study)
+        text = markdown(study, frame, k)
     out.mkdir(parents=True, exist_ok=True)
-    text = markdown(study, frame, k)
     md_path, csv_path = out / f"{study.study_name}.md", out / f"{study.study_name}.csv"
     md_path.write_text(text)
     frame.to_csv(csv_path, index=False)

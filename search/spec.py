@@ -18,7 +18,7 @@ from models import ConfigError, ModelConfig
 from models.config import known_keys
 from search.config import DataConfig, RunConfig, TrainConfig
 
-SECTIONS = ("study", "data", "sampler", "pruner", "model", "train")
+SECTIONS = ("study", "data", "sampler", "pruner", "model", "train", "ablation", "variants")
 STUDY_KEYS = ("name", "seed", "n_trials", "timeout", "storage", "heartbeat_interval", "grace_period")
 DATA_KEYS = ("path", "synthetic", *(f.name for f in fields(DataConfig)))
 RANGE_KEYS = {"low", "high", "log", "step"}
@@ -80,6 +80,7 @@ class StudySpec:
     pruner: dict[str, Any] = field(default_factory=lambda: {"name": "median"})
     model: dict[str, Param] = field(default_factory=dict)
     train: dict[str, Param] = field(default_factory=dict)
+    is_ablation: bool = False  # has an [ablation] table: run with `ablate`, not `search`
     # [model.when.PARENT.CHOICE]: keys sampled only in trials where model.PARENT took CHOICE.
     when: dict[str, dict[str, dict[str, Param]]] = field(default_factory=dict)
 
@@ -114,6 +115,18 @@ class StudySpec:
 
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StudySpec:
     """Read, override and validate a study file; every problem is a one-line SpecError naming the file."""
+    return parse_spec(*load_raw(path, overrides))
+
+
+def parse_spec(path: Path, raw: dict[str, Any]) -> StudySpec:
+    try:
+        return _parse(path, raw)
+    except (SpecError, ConfigError) as err:
+        raise SpecError(f"{path}: {err}") from None
+
+
+def load_raw(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Path, dict[str, Any]]:
+    """The study file's TOML as a dict, with the --set overrides applied."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -126,9 +139,9 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     try:
         for item in overrides:
             apply_override(raw, item)
-        return _parse(path, raw)
-    except (SpecError, ConfigError) as err:
+    except SpecError as err:
         raise SpecError(f"{path}: {err}") from None
+    return path, raw
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -175,6 +188,7 @@ def _parse(path: Path, raw: dict[str, Any]) -> StudySpec:
         pruner=_strategy(raw, "pruner", "median"),
         model=_params({k: v for k, v in _table(raw, "model").items() if k != "when"}),
         when=_conditions(_table(raw, "model")),
+        is_ablation="ablation" in raw,
         train=_params(_table(raw, "train")),
     )
     if "path" in data and spec.data_path is None:

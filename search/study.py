@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
 from data.packed import PackedStore
+from search.config import RunConfig
 from search.provenance import versions
 from search.spec import SpecError, StudySpec
 from search.storage import open_storage
@@ -23,32 +25,38 @@ def make_objective(spec: StudySpec, store: PackedStore) -> Callable[[optuna.Tria
     """The objective Optuna calls: sample a RunConfig, train it with pruning, record provenance."""
 
     def objective(trial: optuna.Trial) -> float:
-        cfg = spec.run_config(trial)
-        trial.set_user_attr("run_config", cfg.to_dict())
-        trial.set_user_attr("seed", cfg.train.seed)
-        trial.set_user_attr("data_fingerprint", store.fingerprint)
-        trial.set_user_attr("versions", versions())
-
-        def reporter(step: int, accuracy: float) -> bool:
-            trial.report(accuracy, step)
-            return trial.should_prune()
-
-        try:
-            result = train(cfg, store, reporter)
-        except NonFiniteLossError as err:
-            trial.set_user_attr("fail_reason", str(err))
-            raise
-        for key in RESULT_ATTRS:
-            trial.set_user_attr(key, getattr(result, key))
-        if result.pruned:
-            raise optuna.TrialPruned(f"pruned at step {result.steps_run}")
-        return result.best_valid_acc
+        return train_trial(trial, spec.run_config(trial), store)
 
     return objective
 
 
-def create_or_resume(spec: StudySpec, storage_url: str, data_fingerprint: str) -> optuna.Study:
-    """Create the study, or resume it if it exists and was made from the same space, budget and data."""
+def train_trial(trial: optuna.Trial, cfg: RunConfig, store: PackedStore) -> float:
+    """Train `cfg` as this trial: record provenance and results on it, report and prune through it."""
+    trial.set_user_attr("run_config", cfg.to_dict())
+    trial.set_user_attr("seed", cfg.train.seed)
+    trial.set_user_attr("data_fingerprint", store.fingerprint)
+    trial.set_user_attr("versions", versions())
+
+    def reporter(step: int, accuracy: float) -> bool:
+        trial.report(accuracy, step)
+        return trial.should_prune()
+
+    try:
+        result = train(cfg, store, reporter)
+    except NonFiniteLossError as err:
+        trial.set_user_attr("fail_reason", str(err))
+        raise
+    for key in RESULT_ATTRS:
+        trial.set_user_attr(key, getattr(result, key))
+    if result.pruned:
+        raise optuna.TrialPruned(f"pruned at step {result.steps_run}")
+    return result.best_valid_acc
+
+
+def create_or_resume(spec: StudySpec, storage_url: str, data_fingerprint: str,
+                     identity: dict[str, Any] | None = None) -> optuna.Study:
+    """Create the study, or resume it if it exists and was made from the same space, budget and data
+    (`identity` replaces the spec's own, e.g. an ablation's rows and seeds)."""
     storage = open_storage(storage_url, spec.heartbeat_interval, spec.grace_period)
     study = optuna.create_study(
         study_name=spec.name,
@@ -58,7 +66,7 @@ def create_or_resume(spec: StudySpec, storage_url: str, data_fingerprint: str) -
         direction="maximize",
         load_if_exists=True,
     )
-    identity = json.loads(json.dumps(spec.identity()))  # as stored: tuples become lists
+    identity = json.loads(json.dumps(identity or spec.identity()))  # as stored: tuples become lists
     stored = study.user_attrs.get("spec")
     if stored is None:
         study.set_user_attr("spec", identity)

@@ -8,6 +8,18 @@ import numpy as np
 import pytest
 import torch
 
+from models import LOSSES
+
+
+class _NaNLoss(torch.nn.Module):
+    """A loss that is always NaN, to test how non-finite losses end runs and show up in reports."""
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logits, y) * float("nan")
+
+
+LOSSES.register("test_nan")(lambda cfg: _NaNLoss())
+
 
 def write_hw4(
     root: Path,

@@ -125,3 +125,24 @@ def test_killed_study_resumes_without_losing_or_repeating_trials(tmp_path):
     assert not [t for t in after if t.state == TrialState.RUNNING]
     retried = [t for t in after if t.system_attrs.get("failed_trial") == before[-1].number]
     assert len(retried) == 1 and retried[0].params == before[-1].params
+
+
+def test_ablate_end_to_end_and_search_refuses_an_ablation_file(tmp_path):
+    cli("make-data", "ds", "--speakers", "5", "--utterances-per-speaker", "12", "--seed", "1", cwd=tmp_path)
+    body = FAST.replace("d_model = [16, 24]", "d_model = 16").replace(
+        "lr = { low = 1e-3, high = 5e-3, log = true }", "lr = 3e-3").replace("max_steps = 40", "max_steps = 20")
+    study = write_study(tmp_path / "abl.toml", body + """
+[ablation]
+seeds = [0, 1]
+[variants]
+stats = { pooling = "stats" }
+""")
+    run = cli("ablate", str(study), "--data", "ds", cwd=tmp_path)
+    assert "ablation 'abl': 4 cell(s) run now" in run.stdout
+    assert "| stats" in run.stdout and "too few seeds" in run.stdout
+    again = cli("ablate", str(study), "--data", "ds", cwd=tmp_path)
+    assert "0 cell(s) run now" in again.stdout
+    report = cli("report", str(study), "--out", "out", cwd=tmp_path)
+    assert "# Ablation `abl`" in report.stdout
+    assert_one_line_error(cli("search", str(study), "--data", "ds", cwd=tmp_path, check=False),
+                          "ablation study file", "run-study ablate")

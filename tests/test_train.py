@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from data.batches import fixed_valid_batches, split
-from models import LOSSES, ModelConfig, build_model
+from models import ModelConfig, build_model
 from search.config import DataConfig, RunConfig, TrainConfig
 from search.train import NonFiniteLossError, evaluate, train, warmup_cosine
 
@@ -53,16 +53,7 @@ def test_reporter_sees_every_evaluation_and_can_stop_the_run(tiny_store):
     assert result.pruned and result.steps_run == 40
 
 
-class _NaNLoss(torch.nn.Module):
-    def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(logits, y) * float("nan")
-
-
-if "test_nan" not in LOSSES.names():
-    LOSSES.register("test_nan")(lambda cfg: _NaNLoss())
-
-
-def test_non_finite_loss_ends_the_run_with_a_clear_reason(tiny_store):
+def test_non_finite_loss_ends_the_run_with_a_clear_reason(tiny_store):  # "test_nan": see conftest
     cfg = tiny_config()
     cfg = RunConfig(model=ModelConfig(d_model=32, nhead=2, loss="test_nan"), train=cfg.train, data=cfg.data)
     with pytest.raises(NonFiniteLossError, match=r"training loss became non-finite by step 25 \(lr"):

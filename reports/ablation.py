@@ -1,0 +1,78 @@
+"""Ablation studies read back from storage: cells by (variant, seed), the statistics table, Markdown."""
+from __future__ import annotations
+
+import math
+
+import optuna
+import pandas as pd
+
+from reports.stats import ablation_table
+
+
+def is_ablation(study: optuna.Study) -> bool:
+    return study.user_attrs.get("kind") == "ablation"
+
+
+def ablation_cells(study: optuna.Study) -> pd.DataFrame:
+    """One row per ablation trial: variant, seed, state, value (NaN unless complete)."""
+    rows = [
+        {"variant": t.params["variant"], "seed": t.params["seed"], "state": t.state.name.lower(),
+         "value": t.value if t.state == optuna.trial.TrialState.COMPLETE else math.nan}
+        for t in study.get_trials(deepcopy=False)
+        if "variant" in t.params and t.state != optuna.trial.TrialState.WAITING
+    ]
+    return pd.DataFrame(rows, columns=["variant", "seed", "state", "value"])
+
+
+def ablation_frame(study: optuna.Study) -> pd.DataFrame:
+    cells = ablation_cells(study)
+    if cells.empty:
+        return cells
+    # Rows in the study's own order, so the baseline comes first and the plan's order is kept.
+    order = {name: i for i, name in enumerate(study.user_attrs.get("rows", []))}
+    cells = cells.sort_values("variant", key=lambda col: col.map(order), kind="stable")
+    return ablation_table(cells, study.user_attrs["baseline_row"])
+
+
+def ablation_markdown(study: optuna.Study, table: pd.DataFrame) -> str:
+    seeds = study.user_attrs.get("seeds", [])
+    lines = [
+        f"# Ablation `{study.study_name}`",
+        "",
+        f"Validation accuracy over seeds {seeds}; each variant is compared with "
+        f"`{study.user_attrs.get('baseline_row')}` paired by seed (paired t-test and Wilcoxon signed-rank, "
+        "Holm-corrected across variants; d_z = mean difference / sd of differences). "
+        "95% confidence intervals are t intervals.",
+        "",
+    ]
+    if table.empty:
+        return "\n".join(lines + ["No finished cells yet."]) + "\n"
+    lines.append(_display(table).to_markdown(index=False))
+    if table["too_few_seeds"].fillna(False).astype(bool).any():
+        lines += ["", "(!) too few seeds: with 5 or fewer paired seeds the Wilcoxon test cannot reach p < 0.05 "
+                  "whatever the data; add seeds before trusting a difference."]
+    return "\n".join(lines) + "\n"
+
+
+def _display(table: pd.DataFrame) -> pd.DataFrame:
+    """The table as a reader wants it: counts, mean +- std, CIs, Holm p-values, flags."""
+
+    def fmt(x: float, spec: str = ".4f") -> str:
+        return "" if pd.isna(x) else format(x, spec)
+
+    rows = []
+    for r in table.itertuples(index=False):
+        comparison = not pd.isna(r.delta)
+        rows.append({
+            "variant": r.variant,
+            "complete/pruned/failed": f"{r.n_complete}/{r.n_pruned}/{r.n_failed}",
+            "mean ± std": f"{fmt(r.mean)} ± {fmt(r.std)}",
+            "95% CI": f"[{fmt(r.ci_low)}, {fmt(r.ci_high)}]",
+            "Δ vs baseline [95% CI]": f"{fmt(r.delta, '+.4f')} [{fmt(r.delta_ci_low, '+.4f')}, "
+                                      f"{fmt(r.delta_ci_high, '+.4f')}]" if comparison else "",
+            "p (t, Holm)": fmt(r.p_t_holm, ".3g"),
+            "p (Wilcoxon, Holm)": fmt(r.p_wilcoxon_holm, ".3g"),
+            "d_z": fmt(r.d_z, ".2f"),
+            "flag": "too few seeds" if comparison and bool(r.too_few_seeds) else "",
+        })
+    return pd.DataFrame(rows)

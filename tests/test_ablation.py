@@ -1,0 +1,104 @@
+"""Ablations: file validation, the three plans, a real resumable run in SQLite, and its report."""
+import pytest
+from optuna.trial import TrialState
+
+from reports import write_report
+from search.ablation import identity, load_ablation, run_ablation
+from search.spec import SpecError
+from search.study import create_or_resume
+from tests.conftest import write_study
+
+ABLATION = """
+[ablation]
+plan = "one_at_a_time"
+seeds = [0, 1]
+[variants]
+wide = { d_model = 24 }
+stats = { pooling = "stats" }
+[model]
+d_model = 16
+nhead = 2
+ff_mult = 2.0
+dropout = 0.0
+[train]
+max_steps = 40
+valid_steps = 20
+warmup_steps = 5
+segment_len = 32
+batch_size = 16
+lr = 3e-3
+"""
+
+
+def test_the_three_plans_give_the_expected_rows(tmp_path):
+    path = write_study(tmp_path / "a.toml", ABLATION)
+    rows = {plan: load_ablation(path, [f"ablation.plan={plan}"]) for plan in
+            ("one_at_a_time", "all_combinations", "leave_one_out")}
+    names = {plan: list(a.rows(a.study.default_run_config())) for plan, a in rows.items()}
+    assert names["one_at_a_time"] == ["baseline", "wide", "stats"]
+    assert names["all_combinations"] == ["baseline", "wide", "stats", "wide + stats"]
+    assert names["leave_one_out"] == ["all", "all - wide", "all - stats"]
+    both = rows["all_combinations"].rows(rows["all_combinations"].study.default_run_config())["wide + stats"]
+    assert (both.model.d_model, both.model.pooling) == (24, "stats")
+    without_wide = rows["leave_one_out"].rows(rows["leave_one_out"].study.default_run_config())["all - wide"]
+    assert (without_wide.model.d_model, without_wide.model.pooling) == (16, "stats")
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("ablation.plan=random", "ablation.plan='random' is not known; valid: one_at_a_time"),
+        ("ablation.seeds=[1, 1]", "ablation.seeds=[1, 1] must be a non-empty list of distinct integers"),
+        ("ablation.baseline=best:", "ablation.baseline='best:'"),
+        ("model.d_model=[16, 32]", "an ablation's baseline must be fixed, but d_model is searched"),
+        ("variants.wide.widht=3", "variants.wide.widht is not a model or train key"),
+        ("variants.stats.pooling=max", "row 'stats': model.pooling='max' is not a known pooling"),
+    ],
+)
+def test_bad_ablation_files_are_refused(tmp_path, override, fragment):
+    with pytest.raises(SpecError) as err:
+        load_ablation(write_study(tmp_path / "bad.toml", ABLATION), [override])
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def _start(tmp_path, store, overrides=()):
+    ablation = load_ablation(write_study(tmp_path / "abl.toml", ABLATION), list(overrides))
+    rows = ablation.rows(ablation.study.default_run_config())
+    study = create_or_resume(ablation.study, f"sqlite:///{tmp_path / 'abl.db'}", store.fingerprint,
+                             identity(ablation, rows))
+    for key, value in (("kind", "ablation"), ("rows", list(rows)), ("baseline_row", "baseline"),
+                       ("seeds", list(ablation.seeds))):
+        study.set_user_attr(key, value)
+    return ablation, rows, study
+
+
+def test_ablation_runs_every_cell_once_and_a_resume_reruns_nothing(tmp_path, tiny_store):
+    ablation, rows, study = _start(tmp_path, tiny_store)
+    assert run_ablation(study, ablation, rows, tiny_store) == 6
+    cells = {(t.params["variant"], t.params["seed"]): t for t in study.trials}
+    assert set(cells) == {(r, s) for r in rows for s in (0, 1)}
+    assert all(t.state == TrialState.COMPLETE for t in cells.values())
+    assert cells[("wide", 1)].user_attrs["run_config"]["model"]["d_model"] == 24
+    assert cells[("wide", 1)].user_attrs["seed"] == 1
+    ablation, rows, study = _start(tmp_path, tiny_store)  # resume
+    assert run_ablation(study, ablation, rows, tiny_store) == 0
+    assert len(study.trials) == 6
+
+    text, paths = write_report(study, tmp_path / "out")
+    assert "| variant" in text and "complete/pruned/failed" in text
+    assert "too few seeds" in text  # 2 paired seeds can never give p < 0.05
+    csv = paths[1].read_text().splitlines()
+    assert csv[0].startswith("variant,n_complete,n_pruned,n_failed,mean,std,ci_low,ci_high")
+    assert [line.split(",")[0] for line in csv[1:]] == ["baseline", "wide", "stats"]
+
+
+def test_failed_cells_are_reported_and_retried_on_resume(tmp_path, tiny_store):
+    ablation, rows, study = _start(tmp_path, tiny_store, ["variants.stats.loss=test_nan"])
+    assert run_ablation(study, ablation, rows, tiny_store) == 6
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert {t.params["variant"] for t in failed} == {"stats"} and len(failed) == 2
+    assert "non-finite" in failed[0].user_attrs["fail_reason"]
+    text, _ = write_report(study, tmp_path / "out")
+    assert "| stats " in text and "0/0/2" in text
+    ablation, rows, study = _start(tmp_path, tiny_store, ["variants.stats.loss=test_nan"])
+    assert run_ablation(study, ablation, rows, tiny_store) == 2  # only the failed cells, again
