@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import optuna
+import optuna_dashboard
 import pandas as pd
 
 from reports.ablation import ablation_frame, ablation_markdown, is_ablation
@@ -63,7 +64,8 @@ def markdown(study: optuna.Study, frame: pd.DataFrame, k: int) -> str:
 
 
 def write_report(study: optuna.Study, out: Path, k: int = 10) -> tuple[str, list[Path]]:
-    """Write <out>/<study>.md and <out>/<study>.csv; return the Markdown and the paths.
+    """Write <out>/<study>.md and <out>/<study>.csv and set the Markdown as the study's dashboard note;
+    return the Markdown and the paths.
 
     A search gets its top trials and all trials as CSV; an ablation its statistics table."""
     if is_ablation(study):
@@ -73,6 +75,7 @@ def write_report(study: optuna.Study, out: Path, k: int = 10) -> tuple[str, list
         frame = trials_frame(study)
         text = markdown(study, frame, k)
     out.mkdir(parents=True, exist_ok=True)
+    optuna_dashboard.save_note(study, text)  # the same table as the study's note in optuna-dashboard
     md_path, csv_path = out / f"{study.study_name}.md", out / f"{study.study_name}.csv"
     md_path.write_text(text)
     frame.to_csv(csv_path, index=False)

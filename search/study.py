@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import optuna
+import optuna_dashboard
 from optuna.trial import TrialState
 
 from data.packed import PackedStore
@@ -69,6 +70,7 @@ def create_or_resume(spec: StudySpec, storage_url: str, data_fingerprint: str,
     identity = json.loads(json.dumps(identity or spec.identity()))  # as stored: tuples become lists
     stored = study.user_attrs.get("spec")
     if stored is None:
+        optuna_dashboard.set_objective_names(study, ["valid_acc"])
         study.set_user_attr("spec", identity)
         study.set_user_attr("data_fingerprint", data_fingerprint)
         study.set_user_attr("metric", "best validation accuracy")

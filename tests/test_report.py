@@ -1,4 +1,5 @@
 import optuna
+import optuna_dashboard
 import pandas as pd
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
@@ -29,8 +30,10 @@ def test_frame_counts_and_top_trials():
     assert frame.loc[frame["state"] == "fail", "fail_reason"].item().startswith("training loss")
 
 
-def test_written_markdown_and_csv(tmp_path):
-    text, paths = write_report(_study(), tmp_path, k=5)
+def test_written_markdown_and_csv_and_dashboard_note(tmp_path):
+    study = _study()
+    text, paths = write_report(study, tmp_path, k=5)
+    assert optuna_dashboard.get_note(study) == text
     assert "Trials: 3 complete, 1 pruned, 1 fail" in text
     header = next(line for line in text.splitlines() if line.startswith("|"))
     assert [c.strip() for c in header.strip("|").split("|")][:3] == ["trial", "valid_acc", "duration_s"]
