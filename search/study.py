@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import optuna
-import optuna_dashboard
 from optuna.trial import TrialState
 
 from data.packed import PackedStore
@@ -70,7 +70,9 @@ def create_or_resume(spec: StudySpec, storage_url: str, data_fingerprint: str,
     identity = json.loads(json.dumps(identity or spec.identity()))  # as stored: tuples become lists
     stored = study.user_attrs.get("spec")
     if stored is None:
-        optuna_dashboard.set_objective_names(study, ["valid_acc"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(["valid_acc"])  # how the dashboard labels the objective
         study.set_user_attr("spec", identity)
         study.set_user_attr("data_fingerprint", data_fingerprint)
         study.set_user_attr("metric", "best validation accuracy")

@@ -52,8 +52,7 @@ def test_every_trial_stores_what_a_table_needs(tmp_path, tiny_store):
     assert attrs["data_fingerprint"] == tiny_store.fingerprint
     assert set(attrs["versions"]) >= {"code", "python", "torch", "optuna", "numpy"}
     assert sorted(trial.intermediate_values) == [20, 40, 60]
-    system_attrs = study._storage.get_study_system_attrs(study._study_id)
-    assert system_attrs["dashboard:objective_names"] == ["valid_acc"]  # how optuna-dashboard names it
+    assert study.metric_names == ["valid_acc"]  # how optuna-dashboard labels the objective
 
 
 def test_resume_with_a_changed_space_or_data_is_refused(tmp_path, tiny_store):
