@@ -69,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="storage URL (default: from the study file)")
     p.add_argument("--out", type=Path, help="output folder (default: results/STUDY)")
     p.add_argument("--top", type=int, default=10, help="how many trials to list")
+    p.add_argument("--format", default="md,csv", help="comma-separated: md, csv, tex (LaTeX, booktabs)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("dashboard", help="open the study storage in optuna-dashboard")
@@ -141,8 +142,16 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    from reports.tables import FORMATS
+    from search.spec import SpecError
+
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise SpecError(f"--format {args.format!r}: unknown format {unknown[0] if unknown else ''!r}; "
+                        f"valid: {', '.join(FORMATS)}")
     study = _load_study(args.study, args.storage)
-    _print_report(study, args.out or Path("results") / study.study_name, args.top)
+    _print_report(study, args.out or Path("results") / study.study_name, args.top, formats)
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
@@ -153,10 +162,10 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
     run_server(study._storage, host=args.host, port=args.port)
 
 
-def _print_report(study, out: Path, top: int) -> None:
+def _print_report(study, out: Path, top: int, formats: tuple[str, ...] = ("md", "csv")) -> None:
     from reports import write_report
 
-    text, paths = write_report(study, out, top)
+    text, paths = write_report(study, out, top, formats)
     print(text)
     print("wrote " + ", ".join(map(str, paths)))
 

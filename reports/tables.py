@@ -63,20 +63,33 @@ def markdown(study: optuna.Study, frame: pd.DataFrame, k: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(study: optuna.Study, out: Path, k: int = 10) -> tuple[str, list[Path]]:
-    """Write <out>/<study>.md and <out>/<study>.csv and set the Markdown as the study's dashboard note;
-    return the Markdown and the paths.
+FORMATS = ("md", "csv", "tex")
 
-    A search gets its top trials and all trials as CSV; an ablation its statistics table."""
+
+def write_report(study: optuna.Study, out: Path, k: int = 10, formats: tuple[str, ...] = ("md", "csv")
+                 ) -> tuple[str, list[Path]]:
+    """Write <out>/<study>.{md,csv,tex} (as asked) and set the Markdown as the study's dashboard note;
+    return the Markdown and the paths written.
+
+    A search gets its top trials (CSV: all trials); an ablation its statistics table."""
     if is_ablation(study):
         frame = ablation_frame(study)
-        text = ablation_markdown(study, frame)
+        text, table = ablation_markdown(study, frame), frame
     else:
         frame = trials_frame(study)
-        text = markdown(study, frame, k)
+        text, table = markdown(study, frame, k), top_trials(frame, k)
     out.mkdir(parents=True, exist_ok=True)
     optuna_dashboard.save_note(study, text)  # the same table as the study's note in optuna-dashboard
-    md_path, csv_path = out / f"{study.study_name}.md", out / f"{study.study_name}.csv"
-    md_path.write_text(text)
-    frame.to_csv(csv_path, index=False)
-    return text, [md_path, csv_path]
+    writers = {
+        "md": lambda path: path.write_text(text),
+        "csv": lambda path: frame.to_csv(path, index=False),
+        # booktabs rules (\toprule/\midrule/\bottomrule) are pandas' default; escape the underscores
+        "tex": lambda path: path.write_text(table.to_latex(index=False, escape=True, float_format="%.4f",
+                                                           na_rep="", caption=f"Study {study.study_name}")),
+    }
+    paths = []
+    for fmt in formats:
+        path = out / f"{study.study_name}.{fmt}"
+        writers[fmt](path)
+        paths.append(path)
+    return text, paths

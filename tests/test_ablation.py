@@ -84,7 +84,8 @@ def test_ablation_runs_every_cell_once_and_a_resume_reruns_nothing(tmp_path, tin
     assert run_ablation(study, ablation, rows, tiny_store) == 0
     assert len(study.trials) == 6
 
-    text, paths = write_report(study, tmp_path / "out")
+    text, paths = write_report(study, tmp_path / "out", formats=("md", "csv", "tex"))
+    assert "\\toprule" in paths[2].read_text() and "p\\_wilcoxon\\_holm" in paths[2].read_text()
     assert "| variant" in text and "complete/pruned/failed" in text
     assert "too few seeds" in text  # 2 paired seeds can never give p < 0.05
     csv = paths[1].read_text().splitlines()

@@ -72,6 +72,8 @@ def test_bad_study_file_exits_2_with_one_line(tmp_path):
                           "nowhere", "not found")
     assert_one_line_error(cli("search", str(good), cwd=tmp_path, check=False), "no dataset")
     assert_one_line_error(cli("report", "nothing-here", cwd=tmp_path, check=False), "nothing-here")
+    assert_one_line_error(cli("report", str(good), "--format", "md,pdf", cwd=tmp_path, check=False),
+                          "unknown format 'pdf'; valid: md, csv, tex")
 
 
 def test_bad_dataset_exits_2_naming_the_file(tmp_path):

@@ -42,3 +42,13 @@ def test_written_markdown_and_csv_and_dashboard_note(tmp_path):
     assert back["trial"].tolist() == [0, 1, 2, 3, 4]
     assert back["state"].tolist() == ["complete", "complete", "complete", "pruned", "fail"]
     assert back.loc[1, "valid_acc"] == 0.8 and back.loc[1, "pooling"] == "stats"
+
+
+def test_latex_export_has_booktabs_and_the_columns(tmp_path):
+    _, paths = write_report(_study(), tmp_path, k=5, formats=("tex",))
+    tex = paths[0].read_text()
+    assert paths[0].name == "r.tex"
+    assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex
+    header = tex.split("\\toprule")[1].split("\\\\")[0]
+    assert [c.strip() for c in header.split("&")][:3] == ["trial", "valid\\_acc", "duration\\_s"]
+    assert "0.8000" in tex  # the best trial, 4 decimals
