@@ -47,21 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("search", help="create or resume a study and run trials")
-    p.add_argument("study", type=Path, help="study file, e.g. studies/quickstart.toml")
-    p.add_argument("--data", type=Path, help="HW4 folder (overrides data.path)")
+    _add_run_options(p, "study file, e.g. studies/quickstart.toml", "model.d_model=[64,128]")
     p.add_argument("--n-trials", type=int, help="finished trials the study should hold (overrides study.n_trials)")
     p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
-    p.add_argument("--storage", help="storage URL (default: sqlite file beside the study file)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a study-file value, e.g. train.max_steps=200 or model.d_model=[64,128]")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("ablate", help="run or resume an ablation: fixed variants x seeds, then its table")
-    p.add_argument("study", type=Path, help="ablation study file, e.g. studies/boss_ablation.toml")
-    p.add_argument("--data", type=Path, help="HW4 folder (overrides data.path)")
-    p.add_argument("--storage", help="storage URL (default: sqlite file beside the study file)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a study-file value, e.g. train.max_steps=200 or ablation.seeds=[0,1,2]")
+    _add_run_options(p, "ablation study file, e.g. studies/boss_ablation.toml", "ablation.seeds=[0,1,2]")
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("report", help="print the top trials (or ablation table) and write Markdown and CSV")
@@ -79,6 +71,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.set_defaults(func=cmd_dashboard)
     return parser
+
+
+def _add_run_options(p: argparse.ArgumentParser, study_help: str, example: str) -> None:
+    """The options shared by the commands that train: search and ablate."""
+    p.add_argument("study", type=Path, help=study_help)
+    p.add_argument("--data", type=Path, help="HW4 folder (overrides data.path)")
+    p.add_argument("--storage", help="storage URL (default: sqlite file beside the study file)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a study-file value, e.g. train.max_steps=200 or {example}")
 
 
 def cmd_make_data(args: argparse.Namespace) -> None:
