@@ -121,22 +121,15 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
-    import dataclasses
-
-    from search.ablation import baseline_config, identity, load_ablation, run_ablation
+    from search.ablation import load_ablation, open_ablation, run_ablation
     from search.storage import default_storage_url
-    from search.study import create_or_resume
 
     ablation = load_ablation(args.study, args.overrides)
-    spec = dataclasses.replace(ablation.study, pruner={"name": "none"})  # every cell trains its full budget
+    spec = ablation.study
     store = _open_data(spec, args.data)
     url = args.storage or spec.storage or default_storage_url(spec)
-    rows = ablation.rows(baseline_config(ablation, url))
     _set_threads()
-    study = create_or_resume(spec, url, store.fingerprint, identity(ablation, rows))
-    for key, value in (("kind", "ablation"), ("rows", list(rows)), ("baseline_row", next(iter(rows))),
-                       ("seeds", list(ablation.seeds))):
-        study.set_user_attr(key, value)
+    study, rows = open_ablation(ablation, url, store.fingerprint)
     ran = run_ablation(study, ablation, rows, store)
     print(f"ablation {spec.name!r}: {ran} cell(s) run now; storage {url}")
     _print_report(study, Path("results") / spec.name, top=0)

@@ -22,7 +22,9 @@ from data.packed import PackedStore
 from models import ConfigError, ModelConfig
 from search.config import RunConfig, TrainConfig
 from search.spec import SpecError, StudySpec, load_raw, parse_spec
-from search.study import train_trial
+from search.storage import load_existing_study
+from search.study import create_or_resume, train_trial
+from search.train import NonFiniteLossError
 
 PLANS = ("one_at_a_time", "all_combinations", "leave_one_out")
 MODEL_KEYS = {f.name for f in fields(ModelConfig)}
@@ -103,8 +105,6 @@ def baseline_config(ablation: AblationSpec, storage: str) -> RunConfig:
     """This file's fixed values, or the run config of the best complete trial of another study."""
     if ablation.baseline == "config":
         return ablation.study.default_run_config()
-    from search.storage import load_existing_study
-
     source = load_existing_study(ablation.baseline[5:], storage)
     complete = source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
@@ -114,6 +114,19 @@ def baseline_config(ablation: AblationSpec, storage: str) -> RunConfig:
 
 def identity(ablation: AblationSpec, rows: dict[str, RunConfig]) -> dict[str, Any]:
     return {"ablation": {name: cfg.to_dict() for name, cfg in rows.items()}, "seeds": list(ablation.seeds)}
+
+
+def open_ablation(ablation: AblationSpec, storage: str, data_fingerprint: str
+                  ) -> tuple[optuna.Study, dict[str, RunConfig]]:
+    """Create or resume the ablation's study (no pruning: every cell trains its full budget) and mark it
+    as an ablation, with its rows and seeds, for the report."""
+    rows = ablation.rows(baseline_config(ablation, storage))
+    spec = dataclasses.replace(ablation.study, pruner={"name": "none"})
+    study = create_or_resume(spec, storage, data_fingerprint, identity(ablation, rows))
+    for key, value in (("kind", "ablation"), ("rows", list(rows)), ("baseline_row", next(iter(rows))),
+                       ("seeds", list(ablation.seeds))):
+        study.set_user_attr(key, value)
+    return study, rows
 
 
 def run_ablation(study: optuna.Study, ablation: AblationSpec, rows: dict[str, RunConfig], store: PackedStore) -> int:
@@ -134,8 +147,6 @@ def run_ablation(study: optuna.Study, ablation: AblationSpec, rows: dict[str, Ru
         seed = trial.suggest_categorical("seed", list(ablation.seeds))
         cfg = rows[row]
         return train_trial(trial, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed)), store)
-
-    from search.train import NonFiniteLossError
 
     study.optimize(objective, n_trials=waiting, catch=(NonFiniteLossError,), gc_after_trial=True)
     return waiting

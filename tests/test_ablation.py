@@ -3,9 +3,8 @@ import pytest
 from optuna.trial import TrialState
 
 from reports import write_report
-from search.ablation import identity, load_ablation, run_ablation
+from search.ablation import load_ablation, open_ablation, run_ablation
 from search.spec import SpecError
-from search.study import create_or_resume
 from tests.conftest import write_study
 
 ABLATION = """
@@ -63,12 +62,7 @@ def test_bad_ablation_files_are_refused(tmp_path, override, fragment):
 
 def _start(tmp_path, store, overrides=()):
     ablation = load_ablation(write_study(tmp_path / "abl.toml", ABLATION), list(overrides))
-    rows = ablation.rows(ablation.study.default_run_config())
-    study = create_or_resume(ablation.study, f"sqlite:///{tmp_path / 'abl.db'}", store.fingerprint,
-                             identity(ablation, rows))
-    for key, value in (("kind", "ablation"), ("rows", list(rows)), ("baseline_row", "baseline"),
-                       ("seeds", list(ablation.seeds))):
-        study.set_user_attr(key, value)
+    study, rows = open_ablation(ablation, f"sqlite:///{tmp_path / 'abl.db'}", store.fingerprint)
     return ablation, rows, study
 
 
@@ -103,3 +97,23 @@ def test_failed_cells_are_reported_and_retried_on_resume(tmp_path, tiny_store):
     assert "| stats " in text and "0/0/2" in text
     ablation, rows, study = _start(tmp_path, tiny_store, ["variants.stats.loss=test_nan"])
     assert run_ablation(study, ablation, rows, tiny_store) == 2  # only the failed cells, again
+
+
+def test_baseline_can_be_the_best_trial_of_another_study(tmp_path, tiny_store):
+    import optuna
+
+    from search.config import RunConfig
+
+    url = f"sqlite:///{tmp_path / 'abl.db'}"
+    source = optuna.create_study(study_name="src", storage=url, direction="maximize")
+    for value, d_model in ((0.4, 32), (0.7, 48), (0.5, 64)):
+        cfg = load_ablation(write_study(tmp_path / "x.toml", ABLATION), [f"model.d_model={d_model}"])
+        source.add_trial(optuna.trial.create_trial(
+            value=value, user_attrs={"run_config": cfg.study.default_run_config().to_dict()}))
+    ablation = load_ablation(write_study(tmp_path / "abl.toml", ABLATION), ["ablation.baseline=best:src"])
+    study, rows = open_ablation(ablation, url, tiny_store.fingerprint)
+    assert isinstance(rows["baseline"], RunConfig) and rows["baseline"].model.d_model == 48
+    assert rows["wide"].model.d_model == 24 and rows["stats"].model.d_model == 48
+    with pytest.raises(SpecError, match="no study 'nope'"):
+        open_ablation(load_ablation(tmp_path / "abl.toml", ["ablation.baseline=best:nope"]), url,
+                      tiny_store.fingerprint)
