@@ -57,10 +57,44 @@ def markdown(study: optuna.Study, frame: pd.DataFrame, k: int) -> str:
         "",
         top_trials(frame, k).to_markdown(index=False, floatfmt=".4g") if counts["complete"] else "None complete.",
     ]
+    for name, table in marginal_tables(study, frame).items():
+        lines += ["", f"## By {name} (complete trials)", "", table.to_markdown(floatfmt=".4g")]
+    importances = param_importances(study)
+    if importances:
+        lines += ["", "## Parameter importances (Optuna's default evaluator)", "",
+                  pd.Series(importances, name="importance").rename_axis("parameter").to_frame()
+                  .to_markdown(floatfmt=".3f")]
     config = best_config(study)
     if config is not None:
         lines += ["", "## Best trial's run config", "", "```json", json.dumps(config, indent=2), "```"]
     return "\n".join(lines) + "\n"
+
+
+def marginal_tables(study: optuna.Study, frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per searched categorical parameter: count, best and mean accuracy of the complete trials per choice."""
+    done = frame[frame["state"] == "complete"] if len(frame) else frame
+    categorical = sorted({
+        name for t in study.get_trials(deepcopy=False)
+        for name, dist in t.distributions.items()
+        if isinstance(dist, optuna.distributions.CategoricalDistribution) and len(dist.choices) > 1
+    })
+    return {
+        name: done.groupby(name)["valid_acc"].agg(count="count", best="max", mean="mean")
+        .sort_values("best", ascending=False)
+        for name in categorical if name in done and done[name].notna().any()
+    }
+
+
+def param_importances(study: optuna.Study) -> dict[str, float]:
+    """Optuna's importances of the searched parameters; empty when too few complete trials to estimate."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    searched = {n for t in complete for n, d in t.distributions.items() if not d.single()}
+    if len(complete) < 3 or not searched:
+        return {}
+    try:
+        return dict(optuna.importance.get_param_importances(study, params=sorted(searched)))
+    except (RuntimeError, ValueError):  # e.g. a parameter present in too few trials to evaluate
+        return {}
 
 
 FORMATS = ("md", "csv", "tex")

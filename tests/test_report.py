@@ -1,6 +1,7 @@
 import optuna
 import optuna_dashboard
 import pandas as pd
+import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
@@ -52,3 +53,17 @@ def test_latex_export_has_booktabs_and_the_columns(tmp_path):
     header = tex.split("\\toprule")[1].split("\\\\")[0]
     assert [c.strip() for c in header.split("&")][:3] == ["trial", "valid\\_acc", "duration\\_s"]
     assert "0.8000" in tex  # the best trial, 4 decimals
+
+
+def test_search_report_has_marginal_tables_and_importances(tmp_path):
+    from reports.tables import marginal_tables, param_importances
+
+    study = _study()
+    table = marginal_tables(study, trials_frame(study))["pooling"]
+    assert table.loc["stats"].tolist() == [1, 0.8, 0.8]
+    assert table.loc["mean", "count"] == 2 and table.loc["mean", "best"] == 0.65
+    assert table.loc["mean", "mean"] == pytest.approx(0.575)  # complete trials only: 0.5 and 0.65
+    importances = param_importances(study)
+    assert set(importances) == {"pooling"} and importances["pooling"] == pytest.approx(1.0)
+    text, _ = write_report(study, tmp_path, k=5)
+    assert "## By pooling (complete trials)" in text and "## Parameter importances" in text
