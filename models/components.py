@@ -1,4 +1,4 @@
-"""Encoders, poolings, heads and losses, each registered under the name a study file uses.
+"""The Transformer encoder, heads, the linear classifier and cross-entropy, each registered under its study-file name.
 
 Shapes at the seams: features (B, T, n_mels) -> encoder (B, T, D) -> pooling (B, D') -> head (B, E)
 -> classifier (B, C) logits.
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from models.config import ModelConfig
-from models.registry import ACTIVATIONS, CLASSIFIERS, ENCODERS, HEADS, LOSSES, POOLINGS
+from models.registry import ACTIVATIONS, CLASSIFIERS, ENCODERS, HEADS, LOSSES
 
 for _name, _cls in {"relu": nn.ReLU, "gelu": nn.GELU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "silu": nn.SiLU}.items():
     ACTIVATIONS.register(_name)(_cls)
@@ -34,23 +34,6 @@ class TransformerEncoder(nn.Module):
 @ENCODERS.register("transformer")
 def _transformer(cfg: ModelConfig) -> nn.Module:
     return TransformerEncoder(cfg.d_model, cfg.nhead, cfg.n_layers, cfg.dim_feedforward, cfg.dropout)
-
-
-class MeanPooling(nn.Module):
-    """Mean over the valid frames only (the sample code averaged the padding too)."""
-
-    def __init__(self, d_model: int) -> None:
-        super().__init__()
-        self.out_dim = d_model
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        keep = (~mask).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
-        return (x * keep).sum(1) / keep.sum(1).clamp_min(1.0)  # (B, D)
-
-
-@POOLINGS.register("mean")
-def _mean(cfg: ModelConfig) -> nn.Module:
-    return MeanPooling(cfg.d_model)
 
 
 class MLPHead(nn.Sequential):

@@ -1,4 +1,4 @@
-"""Poolings beyond "mean": statistics, self-attentive and attentive statistics pooling.
+"""Poolings: mean, statistics, self-attentive and attentive statistics pooling.
 
 Every pooling maps encoder frames x (B, T, D) and the padding mask (B, T) bool (True = padded) to one
 vector per utterance (B, out_dim), and ignores padded frames exactly: padded frames are zeroed before
@@ -40,6 +40,23 @@ def weighted_stats(x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor
     mean = (weights * x).sum(1)  # (B, D)
     var = (weights * (x - mean.unsqueeze(1)).square()).sum(1)
     return mean, torch.sqrt(var.clamp_min(0.0) + STD_EPS)
+
+
+class MeanPooling(nn.Module):
+    """Mean over the valid frames only (the sample code averaged the padding too)."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.out_dim = d_model
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        keep = (~mask).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+        return _zero_padding(x, mask).sum(1) / keep.sum(1).clamp_min(1.0)  # (B, D)
+
+
+@POOLINGS.register("mean")
+def _mean(cfg: ModelConfig) -> nn.Module:
+    return MeanPooling(cfg.d_model)
 
 
 class StatsPooling(nn.Module):

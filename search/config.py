@@ -4,10 +4,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from data.batches import VALID_MODES
 from models import ConfigError, ModelConfig
 from models.config import known_keys
-
-VALID_MODES = ("fixed", "full")
 
 
 @dataclass(frozen=True)

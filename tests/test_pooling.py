@@ -20,7 +20,7 @@ def test_shapes_with_padding(name, factor):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ["mean", *NAMES])
 @pytest.mark.parametrize("garbage", [123.0, float("inf"), float("nan")])
 def test_padded_utterance_pools_like_the_utterance_alone(name, garbage):
     pool = pooling(name)
