@@ -56,12 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     _add_run_options(p, "ablation study file, e.g. studies/boss_ablation.toml", "ablation.seeds=[0,1,2]")
     p.set_defaults(func=cmd_ablate)
 
-    p = sub.add_parser("report", help="print the top trials (or ablation table) and write Markdown and CSV")
-    p.add_argument("study", help="study file or study name")
+    p = sub.add_parser("report", help="print a study's top trials (or ablation table), or several studies side by "
+                                      "side, and write Markdown, CSV, LaTeX, offline HTML with figures")
+    p.add_argument("studies", nargs="+", metavar="STUDY", help="study file or study name; several: side by side")
     p.add_argument("--storage", help="storage URL (default: from the study file)")
-    p.add_argument("--out", type=Path, help="output folder (default: results/STUDY)")
+    p.add_argument("--out", type=Path, help="output folder (default: results/STUDY, results/A-vs-B for several)")
     p.add_argument("--top", type=int, default=10, help="how many trials to list")
-    p.add_argument("--format", default="md,csv", help="comma-separated: md, csv, tex (LaTeX, booktabs)")
+    p.add_argument("--format", default="md,csv,html",
+                   help="comma-separated: md, csv, tex (LaTeX, booktabs), html (offline, with figures)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("dashboard", help="open the study storage in optuna-dashboard")
@@ -136,7 +138,7 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from reports.tables import FORMATS
+    from reports import FORMATS, comparison_name, write_comparison
     from search.spec import SpecError
 
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
@@ -144,8 +146,14 @@ def cmd_report(args: argparse.Namespace) -> None:
     if unknown or not formats:
         raise SpecError(f"--format {args.format!r}: unknown format {unknown[0] if unknown else ''!r}; "
                         f"valid: {', '.join(FORMATS)}")
-    study = _load_study(args.study, args.storage)
-    _print_report(study, args.out or Path("results") / study.study_name, args.top, formats)
+    _check_positive("--top", args.top)
+    studies = [_load_study(name, args.storage) for name in args.studies]
+    if len(studies) == 1:
+        _print_report(studies[0], args.out or Path("results") / studies[0].study_name, args.top, formats)
+        return
+    text, paths = write_comparison(studies, args.out or Path("results") / comparison_name(studies), formats)
+    print(text)
+    print("wrote " + ", ".join(map(str, paths)))
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
@@ -156,10 +164,10 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
     run_server(study._storage, host=args.host, port=args.port)
 
 
-def _print_report(study, out: Path, top: int, formats: tuple[str, ...] = ("md", "csv")) -> None:
-    from reports import write_report
+def _print_report(study, out: Path, top: int, formats: tuple[str, ...] | None = None) -> None:
+    from reports import DEFAULT_FORMATS, write_report
 
-    text, paths = write_report(study, out, top, formats)
+    text, paths = write_report(study, out, top, formats or DEFAULT_FORMATS)
     print(text)
     print("wrote " + ", ".join(map(str, paths)))
 

@@ -6,6 +6,8 @@ import math
 import optuna
 import pandas as pd
 
+from reports.document import Report, Section
+from reports.figures import ablation_figures, learning_curves
 from reports.stats import ablation_table
 
 
@@ -24,8 +26,8 @@ def ablation_cells(study: optuna.Study) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["variant", "seed", "state", "value"])
 
 
-def ablation_frame(study: optuna.Study) -> pd.DataFrame:
-    cells = ablation_cells(study)
+def ablation_frame(study: optuna.Study, cells: pd.DataFrame | None = None) -> pd.DataFrame:
+    cells = ablation_cells(study) if cells is None else cells
     if cells.empty:
         return cells
     # Rows in the study's own order, so the baseline comes first and the plan's order is kept.
@@ -34,24 +36,35 @@ def ablation_frame(study: optuna.Study) -> pd.DataFrame:
     return ablation_table(cells, study.user_attrs["baseline_row"])
 
 
-def ablation_markdown(study: optuna.Study, table: pd.DataFrame) -> str:
+def ablation_report(study: optuna.Study, plots: bool = False) -> Report:
+    """The statistics table, each cell by seed, and (if asked) CI bars, deltas and learning curves."""
+    cells = ablation_cells(study)
+    table = ablation_frame(study, cells)
     seeds = study.user_attrs.get("seeds", [])
-    lines = [
-        f"# Ablation `{study.study_name}`",
-        "",
-        f"Validation accuracy over seeds {seeds}; each variant is compared with "
-        f"`{study.user_attrs.get('baseline_row')}` paired by seed (paired t-test and Wilcoxon signed-rank, "
-        "Holm-corrected across variants; d_z = mean difference / sd of differences). "
-        "95% confidence intervals are t intervals.",
-        "",
-    ]
+    intro = (f"Validation accuracy over seeds {seeds}; each variant is compared with "
+             f"`{study.user_attrs.get('baseline_row')}` paired by seed (paired t-test and Wilcoxon signed-rank, "
+             "Holm-corrected across variants; d_z = mean difference / sd of differences). "
+             "95% confidence intervals are t intervals.")
+    title = f"Ablation `{study.study_name}`"
     if table.empty:
-        return "\n".join(lines + ["No finished cells yet."]) + "\n"
-    lines.append(_display(table).to_markdown(index=False))
-    if table["too_few_seeds"].fillna(False).astype(bool).any():
-        lines += ["", "(!) too few seeds: with 5 or fewer paired seeds the Wilcoxon test cannot reach p < 0.05 "
-                  "whatever the data; add seeds before trusting a difference."]
-    return "\n".join(lines) + "\n"
+        return Report(title, [Section(text=intro), Section(text="No finished cells yet.")], csv=table, tex=table)
+    flagged = table["too_few_seeds"].fillna(False).astype(bool).any()
+    sections = [
+        Section(text=intro, table=_display(table),
+                note="(!) too few seeds: with 5 or fewer paired seeds the Wilcoxon test cannot reach p < 0.05 "
+                     "whatever the data; add seeds before trusting a difference." if flagged else ""),
+        Section("Cells by seed", "Final validation accuracy of each (variant, seed) run; "
+                "a pruned or failed run is named instead.", table=_by_seed(cells, table["variant"]), index=True,
+                floatfmt=".4f"),
+    ]
+    figures = ablation_figures(cells, table) + (learning_curves(study) if plots else [])
+    return Report(title, sections, figures, csv=table, tex=table)
+
+
+def _by_seed(cells: pd.DataFrame, order: pd.Series) -> pd.DataFrame:
+    text = cells["value"].map("{:.4f}".format).where(cells["state"] == "complete", cells["state"])
+    return (cells.assign(text=text).pivot_table(index="variant", columns="seed", values="text", aggfunc="last")
+            .reindex(order).rename_axis(columns="seed").fillna(""))
 
 
 def _display(table: pd.DataFrame) -> pd.DataFrame:
@@ -60,16 +73,19 @@ def _display(table: pd.DataFrame) -> pd.DataFrame:
     def fmt(x: float, spec: str = ".4f") -> str:
         return "" if pd.isna(x) else format(x, spec)
 
+    def interval(low: float, high: float, spec: str = ".4f") -> str:
+        return "" if pd.isna(low) else f"[{fmt(low, spec)}, {fmt(high, spec)}]"
+
     rows = []
     for r in table.itertuples(index=False):
         comparison = not pd.isna(r.delta)
+        delta_ci = interval(r.delta_ci_low, r.delta_ci_high, "+.4f") or f"({r.n_pairs} pair)"
         rows.append({
             "variant": r.variant,
             "complete/pruned/failed": f"{r.n_complete}/{r.n_pruned}/{r.n_failed}",
-            "mean ± std": f"{fmt(r.mean)} ± {fmt(r.std)}",
-            "95% CI": f"[{fmt(r.ci_low)}, {fmt(r.ci_high)}]",
-            "Δ vs baseline [95% CI]": f"{fmt(r.delta, '+.4f')} [{fmt(r.delta_ci_low, '+.4f')}, "
-                                      f"{fmt(r.delta_ci_high, '+.4f')}]" if comparison else "",
+            "mean ± std": f"{fmt(r.mean)} ± {fmt(r.std)}" if not pd.isna(r.std) else fmt(r.mean),
+            "95% CI": interval(r.ci_low, r.ci_high),
+            "Δ vs baseline [95% CI]": f"{fmt(r.delta, '+.4f')} {delta_ci}" if comparison else "",
             "p (t, Holm)": fmt(r.p_t_holm, ".3g"),
             "p (Wilcoxon, Holm)": fmt(r.p_wilcoxon_holm, ".3g"),
             "d_z": fmt(r.d_z, ".2f"),

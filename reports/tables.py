@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import optuna
-import optuna_dashboard
 import pandas as pd
 
-from reports.ablation import ablation_frame, ablation_markdown, is_ablation
+from reports.document import Report, Section
+from reports.figures import choice_figures, search_figures
 
 ATTR_COLUMNS = ("n_params", "flops_per_segment", "steps_run", "steps_per_s", "best_step", "seed")
 
@@ -46,28 +45,35 @@ def best_config(study: optuna.Study) -> dict | None:
     return max(complete, key=lambda t: t.value).user_attrs.get("run_config")
 
 
-def markdown(study: optuna.Study, frame: pd.DataFrame, k: int) -> str:
+def search_report(study: optuna.Study, k: int = 10, plots: bool = False) -> tuple[Report, pd.DataFrame]:
+    """The search report (top trials, marginals, importances, best config; Optuna's plots if asked) and the
+    all-trials frame."""
+    frame = trials_frame(study)
     counts = summary_counts(frame)
-    lines = [
-        f"# Study `{study.study_name}`",
-        "",
-        "Trials: " + ", ".join(f"{n} {state}" for state, n in counts.items() if n) if len(frame) else "No trials yet.",
-        "",
-        f"## Top {k} complete trials (best validation accuracy)",
-        "",
-        top_trials(frame, k).to_markdown(index=False, floatfmt=".4g") if counts["complete"] else "None complete.",
+    sections = [
+        Section(text="Trials: " + ", ".join(f"{n} {state}" for state, n in counts.items() if n)
+                if len(frame) else "No trials yet."),
+        Section(f"Top {k} complete trials (best validation accuracy)", table=top_trials(frame, k))
+        if counts["complete"] else Section(f"Top {k} complete trials (best validation accuracy)", "None complete."),
     ]
-    for name, table in marginal_tables(study, frame).items():
-        lines += ["", f"## By {name} (complete trials)", "", table.to_markdown(floatfmt=".4g")]
+    marginals = marginal_tables(study, frame)
+    sections += [Section(f"By {name} (complete trials)", table=table, index=True) for name, table in marginals.items()]
     importances = param_importances(study)
     if importances:
-        lines += ["", "## Parameter importances (Optuna's default evaluator)", "",
-                  pd.Series(importances, name="importance").rename_axis("parameter").to_frame()
-                  .to_markdown(floatfmt=".3f")]
+        sections.append(Section("Parameter importances (Optuna's default evaluator)", floatfmt=".3f", index=True,
+                                table=pd.Series(importances, name="importance").rename_axis("parameter").to_frame()))
     config = best_config(study)
     if config is not None:
-        lines += ["", "## Best trial's run config", "", "```json", json.dumps(config, indent=2), "```"]
-    return "\n".join(lines) + "\n"
+        sections.append(Section("Best trial's run config", code=json.dumps(config, indent=2)))
+    searched = searched_params(study)
+    figures = (search_figures(study, frame, searched, importances, list(marginals)) if plots
+               else choice_figures(frame, list(marginals)))
+    return Report(f"Study `{study.study_name}`", sections, figures, csv=frame, tex=top_trials(frame, k)), frame
+
+
+def searched_params(study: optuna.Study) -> list[str]:
+    """Parameters that were really sampled (a one-value distribution is a fixed setting, not a search)."""
+    return sorted({n for t in study.get_trials(deepcopy=False) for n, d in t.distributions.items() if not d.single()})
 
 
 def marginal_tables(study: optuna.Study, frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -95,35 +101,3 @@ def param_importances(study: optuna.Study) -> dict[str, float]:
         return dict(optuna.importance.get_param_importances(study, params=sorted(searched)))
     except (RuntimeError, ValueError):  # e.g. a parameter present in too few trials to evaluate
         return {}
-
-
-FORMATS = ("md", "csv", "tex")
-
-
-def write_report(study: optuna.Study, out: Path, k: int = 10, formats: tuple[str, ...] = ("md", "csv")
-                 ) -> tuple[str, list[Path]]:
-    """Write <out>/<study>.{md,csv,tex} (as asked) and set the Markdown as the study's dashboard note;
-    return the Markdown and the paths written.
-
-    A search gets its top trials (CSV: all trials); an ablation its statistics table."""
-    if is_ablation(study):
-        frame = ablation_frame(study)
-        text, table = ablation_markdown(study, frame), frame
-    else:
-        frame = trials_frame(study)
-        text, table = markdown(study, frame, k), top_trials(frame, k)
-    out.mkdir(parents=True, exist_ok=True)
-    optuna_dashboard.save_note(study, text)  # the same table as the study's note in optuna-dashboard
-    writers = {
-        "md": lambda path: path.write_text(text),
-        "csv": lambda path: frame.to_csv(path, index=False),
-        # booktabs rules (\toprule/\midrule/\bottomrule) are pandas' default; escape the underscores
-        "tex": lambda path: path.write_text(table.to_latex(index=False, escape=True, float_format="%.4f",
-                                                           na_rep="", caption=f"Study {study.study_name}")),
-    }
-    paths = []
-    for fmt in formats:
-        path = out / f"{study.study_name}.{fmt}"
-        writers[fmt](path)
-        paths.append(path)
-    return text, paths

@@ -58,6 +58,15 @@ def test_make_data_search_and_report_end_to_end(tmp_path):
     csv = (tmp_path / "out" / "e2e.csv").read_text().splitlines()
     assert csv[0].startswith("trial,state,valid_acc") and len(csv) == 3
     assert "## Best trial's run config" in (tmp_path / "out" / "e2e.md").read_text()
+    assert "plotly" in (tmp_path / "out" / "e2e.html").read_text()  # md, csv and html by default
+
+    url = f"sqlite:///{tmp_path / 'e2e.db'}"
+    optuna.create_study(study_name="copy", storage=url, direction="maximize").add_trials(loaded.trials[:1])
+    side = cli("report", str(study), "copy", "--storage", url, "--format", "md,csv", cwd=tmp_path)
+    assert "# Studies `e2e`, `copy`" in side.stdout
+    rows = (tmp_path / "results" / "e2e-vs-copy" / "e2e-vs-copy.csv").read_text().splitlines()
+    assert [line.split(",")[:3] for line in rows[1:]] == [["e2e", "search", "2"], ["copy", "search", "1"]]
+    assert_one_line_error(cli("report", str(study), "nope", "--storage", url, cwd=tmp_path, check=False), "nope")
 
 
 def test_bad_study_file_exits_2_with_one_line(tmp_path):

@@ -1,3 +1,8 @@
+import html
+import json
+import re
+from html.parser import HTMLParser
+
 import optuna
 import optuna_dashboard
 import pandas as pd
@@ -67,3 +72,150 @@ def test_search_report_has_marginal_tables_and_importances(tmp_path):
     assert set(importances) == {"pooling"} and importances["pooling"] == pytest.approx(1.0)
     text, _ = write_report(study, tmp_path, k=5)
     assert "## By pooling (complete trials)" in text and "## Parameter importances" in text
+
+
+class _Resources(HTMLParser):
+    """Collects what a browser would fetch: src/href attributes and CSS url()s; script bodies are not markup."""
+
+    def __init__(self):
+        super().__init__()
+        self.urls, self.scripts, self.inline = [], [], []
+        self._in_script = False
+
+    def handle_starttag(self, tag, attrs):
+        self.urls += [v for k, v in attrs if k in ("src", "href", "data", "srcset", "poster") and v]
+        if tag == "script":
+            self.scripts.append(dict(attrs))
+            self._in_script = True
+        if tag == "link":
+            self.urls.append(dict(attrs).get("href") or "")
+
+    def handle_endtag(self, tag):
+        self._in_script = self._in_script and tag != "script"
+
+    def handle_data(self, data):
+        if self._in_script:
+            self.inline.append(data)
+        else:
+            self.urls += re.findall(r"url\(([^)]*)\)|@import\s+['\"]([^'\"]+)", data)
+
+
+def _parse(path) -> tuple[_Resources, str]:
+    page = path.read_text()
+    parser = _Resources()
+    parser.feed(page)
+    return parser, page
+
+
+def test_html_report_is_self_contained_with_the_search_figures(tmp_path):
+    _, paths = write_report(_study(), tmp_path, k=5, formats=("html",))
+    parser, page = _parse(paths[0])
+    assert paths[0].name == "r.html"
+    assert parser.urls == []  # nothing to fetch: no src, href, link or CSS url anywhere in the markup
+    assert all("src" not in attrs for attrs in parser.scripts)
+    assert max(map(len, parser.inline)) > 1_000_000 and "plotly.js v" in page  # plotly.js itself, inlined
+    for fig_id in ("history", "parallel-coordinates", "importances", "learning-curves", "by-pooling"):
+        assert f'<div id="{fig_id}"' in page and f'"{fig_id}"' in page.split(f'<div id="{fig_id}"')[1][:600]
+    assert page.count("<table") == 3  # top trials, by pooling, importances
+    text = html.unescape(page)
+    assert "<h2>Best trial's run config</h2>" in text and '<pre>{\n  "model": {\n    "pooling": "stats"' in text
+
+
+def _md_rows(block: str) -> list[list[str]]:
+    """The cells of a Markdown table's header and body rows."""
+    rows = [line for line in block.splitlines() if line.startswith("|") and not line.startswith("|:")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in rows if not set(line) <= set("|:- ")]
+
+
+def _ablation_study() -> optuna.Study:
+    """An ablation as run_ablation stores it: baseline + 2 variants x 3 seeds; one pruned, one failed cell."""
+    study = optuna.create_study(study_name="abl", direction="maximize")
+    for key, value in (("kind", "ablation"), ("rows", ["baseline", "wide", "stats"]),
+                       ("baseline_row", "baseline"), ("seeds", [0, 1, 2])):
+        study.set_user_attr(key, value)
+    dist = {"variant": CategoricalDistribution(["baseline", "wide", "stats"]),
+            "seed": CategoricalDistribution([0, 1, 2])}
+    values = {"baseline": [0.50, 0.52, 0.54], "wide": [0.60, 0.61, 0.65], "stats": [0.40, None, None]}
+    for variant, row in values.items():
+        for seed, value in enumerate(row):
+            state = (TrialState.COMPLETE if value is not None else TrialState.PRUNED if seed == 1 else TrialState.FAIL)
+            study.add_trial(create_trial(params={"variant": variant, "seed": seed}, distributions=dist, state=state,
+                                         value=value if state == TrialState.COMPLETE else None,
+                                         intermediate_values={10: value or 0.1}))
+    return study
+
+
+def test_ablation_html_has_ci_error_bars_and_cells_by_seed(tmp_path):
+    from reports.ablation import ablation_cells, ablation_frame
+    from reports.figures import ablation_figures
+
+    study = _ablation_study()
+    text, paths = write_report(study, tmp_path, formats=("md", "html"))
+    assert "## Cells by seed" in text
+    stats_row, by_seed = (line for line in text.splitlines() if line.startswith("| stats"))
+    assert [c.strip() for c in by_seed.strip("|").split("|")] == ["stats", "0.4000", "pruned", "fail"]
+    assert [c.strip() for c in stats_row.strip("|").split("|")][:5] == [
+        "stats", "1/1/1", "0.4000", "", "-0.1000 (1 pair)"]  # one seed: no std, no CI, said so
+    parser, page = _parse(paths[1])
+    assert parser.urls == []
+    for fig_id in ("ablation-bars", "ablation-deltas", "learning-curves"):
+        assert f'<div id="{fig_id}"' in page
+
+    study_cells = ablation_cells(study)
+    table = ablation_frame(study)
+    figures = dict(ablation_figures(study_cells, table))
+    bars = figures["ablation-bars"].data[0]
+    wide = table.set_index("variant").loc["wide"]
+    assert list(bars.x) == ["baseline", "wide", "stats"]
+    assert bars.error_y.array[1] == pytest.approx(wide["ci_high"] - wide["mean"])
+    assert bars.error_y.arrayminus[1] == pytest.approx(wide["mean"] - wide["ci_low"])
+    assert bars.error_y.array[2] is None  # one complete seed: no CI, no bar drawn rather than a fake one
+    seeds = figures["ablation-bars"].data[1]
+    assert len(seeds.y) == len(study_cells[study_cells["state"] == "complete"]) == 7
+    deltas = figures["ablation-deltas"].data[0]
+    assert list(deltas.y) == ["wide", "stats"] and deltas.x[0] == pytest.approx(wide["delta"])
+    assert deltas.error_x.array[1] is None  # stats has one pair: its delta has no CI
+
+
+def test_report_figures_go_into_the_dashboard_once(tmp_path):
+    from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
+
+    study = optuna.create_study(study_name="abl", storage=f"sqlite:///{tmp_path / 'a.db'}", direction="maximize")
+    source = _ablation_study()
+    for key, value in source.user_attrs.items():
+        study.set_user_attr(key, value)
+    study.add_trials(source.trials)
+
+    def saved() -> dict:
+        return get_plotly_graph_objects(study._storage.get_study_system_attrs(study._study_id))
+
+    write_report(study, tmp_path, formats=("html",))
+    first = saved()
+    assert set(first) == {"ablation-bars", "ablation-deltas"}  # learning curves: the dashboard draws its own
+    assert json.loads(first["ablation-bars"])["data"][0]["x"] == ["baseline", "wide", "stats"]
+    write_report(study, tmp_path, formats=("md",))
+    assert saved() == first  # the same ids: replaced, not piled up
+
+
+def test_several_studies_side_by_side(tmp_path):
+    from reports import write_comparison
+
+    search = _study()
+    other = optuna.create_study(study_name="s", direction="maximize")
+    dist = {"pooling": CategoricalDistribution(["mean", "stats"]), "d_model": CategoricalDistribution([32, 64])}
+    for value, d_model in ((0.7, 32), (0.9, 64)):
+        other.add_trial(create_trial(params={"pooling": "mean", "d_model": d_model}, distributions=dist, value=value))
+    text, paths = write_comparison([search, other, _ablation_study()], tmp_path, ("md", "csv", "tex", "html"))
+    assert [p.name for p in paths] == [f"r-vs-s-vs-abl.{fmt}" for fmt in ("md", "csv", "tex", "html")]
+    overview = pd.read_csv(paths[1])
+    assert overview["study"].tolist() == ["r", "s", "abl"]
+    assert overview["kind"].tolist() == ["search", "search", "ablation"]
+    assert overview[["complete", "pruned", "failed"]].values.tolist() == [[3, 1, 1], [2, 0, 0], [7, 1, 1]]
+    assert overview["best valid_acc"].tolist() == [0.8, 0.9, 0.65] and overview["best trial"].tolist() == [1, 1, 5]
+    assert overview["mean valid_acc"].iloc[1] == pytest.approx(0.8) and pd.isna(overview["mean valid_acc"].iloc[2])
+    best = _md_rows(text.split("## Best trial's parameters")[1].split("##")[0])
+    assert best == [["study", "d_model", "pooling"], ["r", "", "stats"], ["s", "64", "mean"]]
+    assert ["wide", "0.6200 ± 0.0265 (Δ +0.1000, p 0.0033)"] in _md_rows(text.split("## Ablation variants")[1])
+    assert "\\toprule" in paths[2].read_text()
+    parser, page = _parse(paths[3])
+    assert parser.urls == [] and '<div id="history"' in page and '<div id="ablation-bars"' in page

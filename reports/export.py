@@ -1,0 +1,68 @@
+"""Write a report to files (Markdown, CSV, LaTeX, offline HTML) and into optuna-dashboard."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import optuna_dashboard
+
+from reports.ablation import ablation_report, is_ablation
+from reports.compare import comparison_report
+from reports.document import Report, to_html, to_markdown
+from reports.tables import search_report
+
+FORMATS = ("md", "csv", "tex", "html")
+DEFAULT_FORMATS = ("md", "csv", "html")
+# optuna-dashboard draws these itself, live; a stored copy would go stale and bloat the storage.
+DASHBOARD_NATIVE = {"history", "parallel-coordinates", "importances", "learning-curves"}
+
+
+def study_report(study: optuna.Study, k: int = 10, plots: bool = False) -> Report:
+    """An ablation's statistics report, or a search's top-k report; Optuna's plots only when `plots`."""
+    return ablation_report(study, plots) if is_ablation(study) else search_report(study, k, plots)[0]
+
+
+def write_report(study: optuna.Study, out: Path, k: int = 10, formats: tuple[str, ...] = DEFAULT_FORMATS
+                 ) -> tuple[str, list[Path]]:
+    """Write <out>/<study>.<fmt> for each format, put the report into the study's optuna-dashboard page
+    (the Markdown as its note, the figures the dashboard does not draw itself), return the Markdown and paths."""
+    report = study_report(study, k, plots="html" in formats)
+    save_to_dashboard(study, report)
+    return write_files(report, out / study.study_name, formats)
+
+
+def save_to_dashboard(study: optuna.Study, report: Report) -> None:
+    optuna_dashboard.save_note(study, to_markdown(report))
+    for fig_id, fig in report.figures:
+        if fig_id not in DASHBOARD_NATIVE:
+            optuna_dashboard.save_plotly_graph_object(study, fig, graph_object_id=fig_id)  # same id: replaced
+
+
+def write_files(report: Report, stem: Path, formats: tuple[str, ...]) -> tuple[str, list[Path]]:
+    text = to_markdown(report)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    writers = {
+        "md": lambda path: path.write_text(text),
+        "csv": lambda path: report.csv.to_csv(path, index=False),
+        # booktabs rules (\toprule/\midrule/\bottomrule) are pandas' default; escape the underscores
+        "tex": lambda path: path.write_text(report.tex.to_latex(
+            index=False, escape=True, float_format="%.4f", na_rep="", caption=report.title.replace("`", ""))),
+        "html": lambda path: path.write_text(to_html(report)),
+    }
+    paths = []
+    for fmt in formats:
+        path = stem.with_name(f"{stem.name}.{fmt}")
+        writers[fmt](path)
+        paths.append(path)
+    return text, paths
+
+
+def write_comparison(studies: list[optuna.Study], out: Path, formats: tuple[str, ...] = DEFAULT_FORMATS
+                     ) -> tuple[str, list[Path]]:
+    """Several studies side by side, written as <out>/<A>-vs-<B>.<fmt>; nothing is saved into the studies."""
+    report = comparison_report(studies, plots="html" in formats)
+    return write_files(report, out / comparison_name(studies), formats)
+
+
+def comparison_name(studies: list[optuna.Study]) -> str:
+    return "-vs-".join(s.study_name for s in studies)

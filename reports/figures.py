@@ -1,0 +1,107 @@
+"""Plotly figures of a study: Optuna's own plots for searches, error-bar charts for ablations.
+
+Each function returns (id, figure) pairs; the id is stable (a valid HTML id) so saving the figures into
+optuna-dashboard again replaces them instead of piling up copies.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+
+import optuna
+import optuna.visualization as vis
+import pandas as pd
+import plotly.graph_objects as go
+
+Figures = list[tuple[str, go.Figure]]
+METRIC = "validation accuracy"
+
+
+def search_figures(study: optuna.Study, frame: pd.DataFrame, searched: list[str], importances: dict,
+                   choices: list[str]) -> Figures:
+    """History, parallel coordinates, importances, learning curves (Optuna's plots, where the study has the
+    data), then accuracy by choice of each searched categorical parameter."""
+    complete = int((frame["state"] == "complete").sum()) if len(frame) else 0
+    figures: Figures = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if complete:
+            figures.append(("history", vis.plot_optimization_history(study, target_name=METRIC)))
+        if complete >= 2 and searched:
+            figures.append(("parallel-coordinates",
+                            vis.plot_parallel_coordinate(study, params=searched, target_name=METRIC)))
+        if importances:
+            figures.append(("importances", vis.plot_param_importances(study, params=list(importances))))
+    return figures + learning_curves(study) + choice_figures(frame, choices)
+
+
+def choice_figures(frame: pd.DataFrame, choices: list[str]) -> Figures:
+    """Per categorical parameter: every complete trial's accuracy by choice (a box with all points)."""
+    done = frame[frame["state"] == "complete"] if len(frame) else frame
+    figures = []
+    for name in choices:
+        if name not in done or done[name].nunique() < 2:
+            continue
+        fig = go.Figure(go.Box(x=done[name].astype(str), y=done["valid_acc"], boxpoints="all", pointpos=0,
+                               customdata=done["trial"], hovertemplate="trial %{customdata}: %{y:.4f}<extra></extra>"))
+        fig.update_layout(title=f"{METRIC} by {name} (complete trials)", xaxis_title=name, yaxis_title=METRIC)
+        figures.append((f"by-{_html_id(name)}", fig))
+    return figures
+
+
+def ablation_figures(cells: pd.DataFrame, table: pd.DataFrame) -> Figures:
+    """Mean per variant with its 95% CI and every seed's value; delta vs baseline with its paired 95% CI."""
+    if table.empty:
+        return []
+    done = cells[cells["state"] == "complete"]
+    bars = go.Figure([
+        go.Bar(x=table["variant"], y=table["mean"], name="mean", error_y=_error_bars(table, "mean")),
+        go.Scatter(x=done["variant"], y=done["value"], mode="markers", name="seed", customdata=done["seed"],
+                   marker={"color": "black", "size": 7},
+                   hovertemplate="%{x}, seed %{customdata}: %{y:.4f}<extra></extra>"),
+    ])
+    bars.update_layout(title=f"{METRIC} per variant: mean, 95% CI, each seed", yaxis_title=METRIC)
+    figures = [("ablation-bars", bars)]
+    compared = table[table["delta"].notna()]
+    if len(compared):
+        deltas = go.Figure(go.Scatter(x=compared["delta"], y=compared["variant"], mode="markers",
+                                      marker={"size": 10}, error_x=_error_bars(compared, "delta")))
+        deltas.add_vline(x=0, line_dash="dash")
+        deltas.update_layout(title="difference from the baseline, paired by seed (95% CI)",
+                             xaxis_title=f"Δ {METRIC}", yaxis={"autorange": "reversed"})
+        figures.append(("ablation-deltas", deltas))
+    return figures
+
+
+def learning_curves(study: optuna.Study) -> Figures:
+    if not any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
+        return []
+    return [("learning-curves", vis.plot_intermediate_values(study))]
+
+
+def comparison_figures(searches: list[optuna.Study], ablations: dict[str, pd.DataFrame]) -> Figures:
+    """Several studies on one chart: Optuna's history for searches, grouped CI bars for ablations."""
+    figures: Figures = []
+    with_trials = [s for s in searches
+                   if s.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+    if with_trials:
+        figures.append(("history", vis.plot_optimization_history(with_trials, target_name=METRIC)))
+    if ablations:
+        bars = go.Figure([go.Bar(x=t["variant"], y=t["mean"], name=name, error_y=_error_bars(t, "mean"))
+                          for name, t in ablations.items() if not t.empty])
+        bars.update_layout(title=f"{METRIC} per variant and study (mean, 95% CI)", barmode="group",
+                           yaxis_title=METRIC)
+        figures.append(("ablation-bars", bars))
+    return figures
+
+
+def _error_bars(table: pd.DataFrame, center: str) -> dict:
+    """Asymmetric error bars from the table's CI columns (none where the CI is undefined, n < 2)."""
+    low, high = ("delta_ci_low", "delta_ci_high") if center == "delta" else ("ci_low", "ci_high")
+    up = (table[high] - table[center]).astype(object).where(table[high].notna(), None)
+    down = (table[center] - table[low]).astype(object).where(table[low].notna(), None)
+    return {"type": "data", "symmetric": False, "array": up.tolist(), "arrayminus": down.tolist()}
+
+
+def _html_id(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.:-]", "-", name)
