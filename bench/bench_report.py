@@ -1,9 +1,9 @@
-"""Report time on a large study: 1,000 trials in SQLite, read back and written as Markdown/CSV/LaTeX.
+"""Report time on a large study: 1,000 trials in SQLite, read back and written as Markdown/CSV/LaTeX/HTML.
 
 Builds the study with realistic trials (params, 10 intermediate values, the user attrs train_trial
 stores) once per run, then times write_report from a fresh load of the storage (the report reads only
-the storage, it never retrains): tables only, then all formats with the offline HTML and its figures. Also times Optuna's own trials_dataframe on the same study, as the
-yardstick users know (optuna#763).
+the storage, it never retrains): tables only, then all formats with the offline HTML and its figures.
+Also times Optuna's own trials_dataframe on the same study, as the yardstick users know (optuna#763).
 
 Run from the repository root:  python -m bench.bench_report [--trials 1000]
 """

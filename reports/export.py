@@ -19,7 +19,7 @@ DASHBOARD_NATIVE = {"history", "parallel-coordinates", "importances", "learning-
 
 def study_report(study: optuna.Study, k: int = 10, plots: bool = False) -> Report:
     """An ablation's statistics report, or a search's top-k report; Optuna's plots only when `plots`."""
-    return ablation_report(study, plots) if is_ablation(study) else search_report(study, k, plots)[0]
+    return ablation_report(study, plots) if is_ablation(study) else search_report(study, k, plots)
 
 
 def write_report(study: optuna.Study, out: Path, k: int = 10, formats: tuple[str, ...] = DEFAULT_FORMATS

@@ -1,4 +1,5 @@
-"""Trials as a pandas DataFrame, built straight from the stored trials (fast on large studies)."""
+"""A search study's report: trials as a pandas DataFrame straight from storage (fast on large studies), top
+trials, marginal tables per choice, importances, best config."""
 from __future__ import annotations
 
 import json
@@ -45,9 +46,8 @@ def best_config(study: optuna.Study) -> dict | None:
     return max(complete, key=lambda t: t.value).user_attrs.get("run_config")
 
 
-def search_report(study: optuna.Study, k: int = 10, plots: bool = False) -> tuple[Report, pd.DataFrame]:
-    """The search report (top trials, marginals, importances, best config; Optuna's plots if asked) and the
-    all-trials frame."""
+def search_report(study: optuna.Study, k: int = 10, plots: bool = False) -> Report:
+    """Top trials, marginals per choice, importances, best config; Optuna's plots if asked. CSV: every trial."""
     frame = trials_frame(study)
     counts = summary_counts(frame)
     sections = [
@@ -68,7 +68,7 @@ def search_report(study: optuna.Study, k: int = 10, plots: bool = False) -> tupl
     searched = searched_params(study)
     figures = (search_figures(study, frame, searched, importances, list(marginals)) if plots
                else choice_figures(frame, list(marginals)))
-    return Report(f"Study `{study.study_name}`", sections, figures, csv=frame, tex=top_trials(frame, k)), frame
+    return Report(f"Study `{study.study_name}`", sections, figures, csv=frame, tex=top_trials(frame, k))
 
 
 def searched_params(study: optuna.Study) -> list[str]:

@@ -1,6 +1,7 @@
 import html
 import json
 import re
+import uuid
 from html.parser import HTMLParser
 
 import optuna
@@ -10,7 +11,8 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
-from reports import summary_counts, top_trials, trials_frame, write_report
+from reports import study_report, summary_counts, top_trials, trials_frame, write_report
+from reports.document import to_markdown
 
 
 def _study() -> optuna.Study:
@@ -219,3 +221,27 @@ def test_several_studies_side_by_side(tmp_path):
     assert "\\toprule" in paths[2].read_text()
     parser, page = _parse(paths[3])
     assert parser.urls == [] and '<div id="history"' in page and '<div id="ablation-bars"' in page
+
+
+@pytest.mark.parametrize("url", ["postgresql+psycopg2://postgres@127.0.0.1:5432/test",
+                                 "mysql+pymysql://root@127.0.0.1:3306/test"])
+def test_report_reads_and_writes_a_shared_server_storage(url, tmp_path):
+    """The services many machines share: the figures are chunked into study system attrs there too."""
+    from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
+
+    name = f"abl-{uuid.uuid4().hex[:12]}"
+    source = _ablation_study()
+    study = optuna.create_study(study_name=name, storage=url, direction="maximize")
+    try:
+        for key, value in source.user_attrs.items():
+            study.set_user_attr(key, value)
+        study.add_trials(source.trials)
+        text, _ = write_report(study, tmp_path, formats=("md",))
+        again = optuna.load_study(study_name=name, storage=url)  # a fresh connection, as another machine
+        assert optuna_dashboard.get_note(again) == text
+        saved = get_plotly_graph_objects(again._storage.get_study_system_attrs(again._study_id))
+        local = dict(study_report(source).figures)
+        assert json.loads(saved["ablation-bars"]) == json.loads(local["ablation-bars"].to_json())
+        assert to_markdown(study_report(again)).replace(name, "abl") == to_markdown(study_report(source))
+    finally:
+        optuna.delete_study(study_name=name, storage=url)
