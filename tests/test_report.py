@@ -11,7 +11,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
-from reports import study_report, summary_counts, top_trials, trials_frame, write_report
+from reports import FORMATS, study_report, summary_counts, top_trials, trials_frame, write_report
 from reports.document import to_markdown
 
 
@@ -245,3 +245,17 @@ def test_report_reads_and_writes_a_shared_server_storage(url, tmp_path):
         assert to_markdown(study_report(again)).replace(name, "abl") == to_markdown(study_report(source))
     finally:
         optuna.delete_study(study_name=name, storage=url)
+
+
+def test_studies_without_finished_trials_still_report(tmp_path):
+    from reports import write_comparison
+
+    empty = optuna.create_study(study_name="empty", direction="maximize")
+    ablation = optuna.create_study(study_name="abl0", direction="maximize")
+    for key, value in (("kind", "ablation"), ("rows", ["baseline"]), ("baseline_row", "baseline"), ("seeds", [0])):
+        ablation.set_user_attr(key, value)
+    assert "No trials yet." in write_report(empty, tmp_path, formats=FORMATS)[0]
+    assert "No finished cells yet." in write_report(ablation, tmp_path, formats=FORMATS)[0]
+    _, paths = write_comparison([empty, ablation], tmp_path, ("csv", "html"))
+    overview = pd.read_csv(paths[0])
+    assert overview[["complete", "pruned", "failed"]].sum().sum() == 0 and overview["best valid_acc"].isna().all()
