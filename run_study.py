@@ -173,7 +173,8 @@ def _print_report(study, out: Path, top: int, formats: tuple[str, ...] | None = 
 
 
 def _load_study(study: str, storage: str | None):
-    """A study named by its study file (storage from the file) or by name (with --storage or studies/NAME.toml)."""
+    """A study named by its study file (storage from the file) or by name (with --storage, studies/NAME.toml
+    or the default storage studies/NAME.db, e.g. a study renamed with --set study.name=NAME)."""
     from search.spec import SpecError, load_spec
     from search.storage import default_storage_url, load_existing_study
 
@@ -183,8 +184,11 @@ def _load_study(study: str, storage: str | None):
     if path.suffix == ".toml" or path.exists():
         spec = load_spec(path)
         return load_existing_study(spec.name, storage or spec.storage or default_storage_url(spec))
+    if storage is None and (Path("studies") / f"{study}.db").exists():  # the default storage of a study NAME
+        storage = f"sqlite:///{Path('studies') / study}.db"
     if storage is None:
-        raise SpecError(f"no study file {study!r} and no --storage; give a studies/NAME.toml or --storage URL")
+        raise SpecError(f"no study file {study!r}, no studies/{study}.db and no --storage; "
+                        "give a studies/NAME.toml or --storage URL")
     return load_existing_study(study, storage)
 
 

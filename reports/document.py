@@ -59,7 +59,8 @@ _PAGE = Environment(autoescape=True).from_string("""<!DOCTYPE html>
 <meta charset="utf-8">
 <title>{{ title_text }}</title>
 <style>
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; padding: 0 1em; color: #222; }
+.table { overflow-x: auto; }
 table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }
 th, td { border-bottom: 1px solid #ddd; padding: 0.25em 0.6em; text-align: right; white-space: nowrap; }
 th { border-bottom: 2px solid #444; }
@@ -75,7 +76,7 @@ code { background: #f2f2f2; padding: 0 0.2em; }
 {% for s in sections %}
 {% if s.title %}<h2>{{ s.title }}</h2>{% endif %}
 {% if s.text %}<p>{{ s.text }}</p>{% endif %}
-{% if s.table %}{{ s.table }}{% endif %}
+{% if s.table %}<div class="table">{{ s.table }}</div>{% endif %}
 {% if s.code %}<pre>{{ s.code }}</pre>{% endif %}
 {% if s.note %}<p>{{ s.note }}</p>{% endif %}
 {% endfor %}

@@ -67,6 +67,11 @@ def test_make_data_search_and_report_end_to_end(tmp_path):
     rows = (tmp_path / "results" / "e2e-vs-copy" / "e2e-vs-copy.csv").read_text().splitlines()
     assert [line.split(",")[:3] for line in rows[1:]] == [["e2e", "search", "2"], ["copy", "search", "1"]]
     assert_one_line_error(cli("report", str(study), "nope", "--storage", url, cwd=tmp_path, check=False), "nope")
+    (tmp_path / "studies").mkdir()  # a study found by name in its default storage studies/NAME.db
+    other = optuna.create_study(study_name="other", storage=f"sqlite:///{tmp_path / 'studies' / 'other.db'}")
+    other.add_trials(loaded.trials)
+    across = cli("report", str(study), "other", "--format", "md", cwd=tmp_path)  # two storages, side by side
+    assert "# Studies `e2e`, `other`" in across.stdout
 
 
 def test_bad_study_file_exits_2_with_one_line(tmp_path):
