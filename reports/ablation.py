@@ -58,7 +58,7 @@ def ablation_report(study: optuna.Study, plots: bool = False) -> Report:
                 floatfmt=".4f"),
     ]
     figures = ablation_figures(cells, table) + (learning_curves(study) if plots else [])
-    return Report(title, sections, figures, csv=table, tex=table)
+    return Report(title, sections, figures, csv=table, tex=sections[0].table)  # LaTeX: the table as read
 
 
 def _by_seed(cells: pd.DataFrame, order: pd.Series) -> pd.DataFrame:

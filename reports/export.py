@@ -44,9 +44,7 @@ def write_files(report: Report, stem: Path, formats: tuple[str, ...]) -> tuple[s
     writers = {
         "md": lambda path: path.write_text(text),
         "csv": lambda path: report.csv.to_csv(path, index=False),
-        # booktabs rules (\toprule/\midrule/\bottomrule) are pandas' default; escape the underscores
-        "tex": lambda path: path.write_text(report.tex.to_latex(
-            index=False, escape=True, float_format="%.4f", na_rep="", caption=report.title.replace("`", ""))),
+        "tex": lambda path: path.write_text(latex(report)),
         "html": lambda path: path.write_text(to_html(report)),
     }
     paths = []
@@ -55,6 +53,20 @@ def write_files(report: Report, stem: Path, formats: tuple[str, ...]) -> tuple[s
         writers[fmt](path)
         paths.append(path)
     return text, paths
+
+
+def latex(report: Report) -> str:
+    """The report's main table for a paper: booktabs rules (pandas' default), special characters escaped,
+    the table's symbols as math so that pdflatex needs no extra package."""
+    table = report.tex.to_latex(index=False, escape=True, float_format="%.4f", na_rep="",
+                                caption=_latex_escape(report.title.replace("`", "")))
+    return table.replace("±", "$\\pm$").replace("Δ", "$\\Delta$")
+
+
+def _latex_escape(text: str) -> str:
+    specials = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+    return "".join(specials.get(c, c) for c in text)
 
 
 def write_comparison(studies: list[optuna.Study], out: Path, formats: tuple[str, ...] = DEFAULT_FORMATS

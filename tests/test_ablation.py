@@ -79,7 +79,11 @@ def test_ablation_runs_every_cell_once_and_a_resume_reruns_nothing(tmp_path, tin
     assert len(study.trials) == 6
 
     text, paths = write_report(study, tmp_path / "out", formats=("md", "csv", "tex"))
-    assert "\\toprule" in paths[2].read_text() and "p\\_wilcoxon\\_holm" in paths[2].read_text()
+    tex = paths[2].read_text()
+    assert "\\toprule" in tex and "\\caption{Ablation abl}" in tex
+    header = tex.split("\\midrule")[0].splitlines()[-1]
+    assert header.startswith("variant & complete/pruned/failed & mean $\\pm$ std & 95\\% CI & $\\Delta$ vs baseline")
+    assert "±" not in tex and "Δ" not in tex  # as math: pdflatex needs no Unicode package
     assert "| variant" in text and "complete/pruned/failed" in text
     assert "too few seeds" in text  # 2 paired seeds can never give p < 0.05
     csv = paths[1].read_text().splitlines()

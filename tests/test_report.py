@@ -60,6 +60,10 @@ def test_latex_export_has_booktabs_and_the_columns(tmp_path):
     header = tex.split("\\toprule")[1].split("\\\\")[0]
     assert [c.strip() for c in header.split("&")][:3] == ["trial", "valid\\_acc", "duration\\_s"]
     assert "0.8000" in tex  # the best trial, 4 decimals
+    renamed = optuna.create_study(study_name="my_study#2", direction="maximize")
+    renamed.add_trials(_study().trials)
+    _, paths = write_report(renamed, tmp_path, formats=("tex",))
+    assert "\\caption{Study my\\_study\\#2}" in paths[0].read_text()  # a bare _ or # would not compile
 
 
 def test_search_report_has_marginal_tables_and_importances(tmp_path):
