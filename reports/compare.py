@@ -4,7 +4,7 @@ from __future__ import annotations
 import optuna
 import pandas as pd
 
-from reports.ablation import ablation_cells, ablation_frame, is_ablation
+from reports.ablation import ablation_frame, is_ablation
 from reports.document import Report, Section
 from reports.figures import comparison_figures
 from reports.tables import ATTR_COLUMNS, summary_counts, trials_frame
@@ -13,7 +13,7 @@ from reports.tables import ATTR_COLUMNS, summary_counts, trials_frame
 def comparison_report(studies: list[optuna.Study], plots: bool = False) -> Report:
     names = _labels(studies)
     frames = {name: trials_frame(s) for name, s in zip(names, studies, strict=True)}
-    ablations = {name: ablation_frame(s, ablation_cells(s))
+    ablations = {name: ablation_frame(s)
                  for name, s in zip(names, studies, strict=True) if is_ablation(s)}
     overview = pd.DataFrame([_overview_row(name, frames[name], name in ablations) for name in names])
     sections = [Section(text="Validation accuracy of each study's trials, read from storage; "
@@ -44,7 +44,7 @@ def _labels(studies: list[optuna.Study]) -> list[str]:
 def _overview_row(name: str, frame: pd.DataFrame, ablation: bool) -> dict:
     counts = summary_counts(frame)
     done = frame[frame["state"] == "complete"] if len(frame) else frame
-    best = done.loc[done["valid_acc"].idxmax()] if len(done) else None
+    best = _best_complete(frame)
     finished = frame["duration_s"].dropna() if len(frame) else pd.Series(dtype=float)
     return {
         "study": name, "kind": "ablation" if ablation else "search",
@@ -57,12 +57,16 @@ def _overview_row(name: str, frame: pd.DataFrame, ablation: bool) -> dict:
     }
 
 
-def _best_params(frame: pd.DataFrame) -> pd.Series:
+def _best_complete(frame: pd.DataFrame) -> pd.Series | None:
     done = frame[frame["state"] == "complete"] if len(frame) else frame
-    if done.empty:
+    return done.loc[done["valid_acc"].idxmax()] if len(done) else None
+
+
+def _best_params(frame: pd.DataFrame) -> pd.Series:
+    best = _best_complete(frame)
+    if best is None:
         return pd.Series(dtype=object)
     not_params = {"trial", "state", "valid_acc", "duration_s", "fail_reason", *ATTR_COLUMNS}
-    best = done.loc[done["valid_acc"].idxmax()]
     return best.drop(labels=[c for c in best.index if c in not_params]).dropna()
 
 
