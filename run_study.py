@@ -150,10 +150,8 @@ def cmd_report(args: argparse.Namespace) -> None:
     studies = [_load_study(name, args.storage) for name in args.studies]
     if len(studies) == 1:
         _print_report(studies[0], args.out or Path("results") / studies[0].study_name, args.top, formats)
-        return
-    text, paths = write_comparison(studies, args.out or Path("results") / comparison_name(studies), formats)
-    print(text)
-    print("wrote " + ", ".join(map(str, paths)))
+    else:
+        _print_written(*write_comparison(studies, args.out or Path("results") / comparison_name(studies), formats))
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
@@ -167,7 +165,10 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
 def _print_report(study, out: Path, top: int, formats: tuple[str, ...] | None = None) -> None:
     from reports import DEFAULT_FORMATS, write_report
 
-    text, paths = write_report(study, out, top, formats or DEFAULT_FORMATS)
+    _print_written(*write_report(study, out, top, formats or DEFAULT_FORMATS))
+
+
+def _print_written(text: str, paths: list[Path]) -> None:
     print(text)
     print("wrote " + ", ".join(map(str, paths)))
 

@@ -27,12 +27,13 @@ def write_report(study: optuna.Study, out: Path, k: int = 10, formats: tuple[str
     """Write <out>/<study>.<fmt> for each format, put the report into the study's optuna-dashboard page
     (the Markdown as its note, the figures the dashboard does not draw itself), return the Markdown and paths."""
     report = study_report(study, k, plots="html" in formats)
-    save_to_dashboard(study, report)
-    return write_files(report, out / study.study_name, formats)
+    text, paths = write_files(report, out / study.study_name, formats)
+    save_to_dashboard(study, report, text)
+    return text, paths
 
 
-def save_to_dashboard(study: optuna.Study, report: Report) -> None:
-    optuna_dashboard.save_note(study, to_markdown(report))
+def save_to_dashboard(study: optuna.Study, report: Report, markdown: str) -> None:
+    optuna_dashboard.save_note(study, markdown)
     for fig_id, fig in report.figures:
         if fig_id not in DASHBOARD_NATIVE:
             optuna_dashboard.save_plotly_graph_object(study, fig, graph_object_id=fig_id)  # same id: replaced

@@ -88,6 +88,7 @@ def test_bad_study_file_exits_2_with_one_line(tmp_path):
     assert_one_line_error(cli("report", "nothing-here", cwd=tmp_path, check=False), "nothing-here")
     assert_one_line_error(cli("report", str(good), "--format", "md,pdf", cwd=tmp_path, check=False),
                           "unknown format 'pdf'; valid: md, csv, tex")
+    assert_one_line_error(cli("report", str(good), "--top", "0", cwd=tmp_path, check=False), "--top=0 must be positive")
 
 
 def test_bad_dataset_exits_2_naming_the_file(tmp_path):
