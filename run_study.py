@@ -5,18 +5,26 @@ Every bad input ends with a one-line `error: ...` on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_FAILED = 1  # every trial this run started failed
+EXIT_TERMINATED = 143
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, like every other bad input (argparse prints usage too)
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    args.argv = argv
     from data import DataError
     from models import ConfigError
+    from search.runner import exit_code
     from search.spec import SpecError
 
     try:
@@ -24,14 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, SpecError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted: finished trials are stored; run the same command again to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as interrupt:
+        code = exit_code(interrupt)
+        if getattr(args, "worker_id", None) is None:  # workers stay quiet: their parent says it once
+            name = "SIGTERM" if code == EXIT_TERMINATED else "SIGINT"
+            print(f"interrupted ({name}): running trials are marked failed (reason 'interrupted') and rerun by "
+                  "the next run; finished trials are stored. Run the same command again to resume", file=sys.stderr)
+        return code
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="run-study", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _Parser(prog="run-study", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("make-data", help="write a synthetic dataset in the HW4 format")
     p.add_argument("out", type=Path, help="folder to create")
@@ -48,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="create or resume a study and run trials")
     _add_run_options(p, "study file, e.g. studies/quickstart.toml", "model.d_model=[64,128]")
-    p.add_argument("--n-trials", type=int, help="finished trials the study should hold (overrides study.n_trials)")
+    p.add_argument("--n-trials", type=int, help="finished (complete or pruned) trials the study should hold; failed "
+                                                "ones do not count (overrides study.n_trials)")
     p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     p.set_defaults(func=cmd_search)
 
@@ -82,6 +95,14 @@ def _add_run_options(p: argparse.ArgumentParser, study_help: str, example: str) 
     p.add_argument("--storage", help="storage URL (default: sqlite file beside the study file)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a study-file value, e.g. train.max_steps=200 or {example}")
+    p.add_argument("--workers", default="1", metavar="N",
+                   help="local worker processes on this study (default 1; 'auto' = one per usable core); each "
+                        "gets cores // N torch threads and its own cores. More machines: run the same command "
+                        "there with the same --storage")
+    for hidden in ("--worker-id", "--threads"):  # set by the parent for its workers
+        p.add_argument(hidden, type=int, help=argparse.SUPPRESS)
+    p.add_argument("--cpus", help=argparse.SUPPRESS)
+    p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
 
 
 def cmd_make_data(args: argparse.Namespace) -> None:
@@ -99,42 +120,96 @@ def cmd_pack(args: argparse.Namespace) -> None:
           f"{store.n_mels} mels, fingerprint {store.fingerprint}")
 
 
-def cmd_search(args: argparse.Namespace) -> None:
+def cmd_search(args: argparse.Namespace) -> int:
     from search.spec import SpecError, load_spec
-    from search.storage import default_storage_url
-    from search.study import create_or_resume, run_study
+    from search.study import run_study
 
     spec = load_spec(args.study, args.overrides)
     if spec.is_ablation:
         raise SpecError(f"{spec.path}: this is an ablation study file; run it with: run-study ablate {spec.path}")
     _check_positive("--n-trials", args.n_trials)
     _check_positive("--timeout", args.timeout)
-    store = _open_data(spec, args.data)
-    url = args.storage or spec.storage or default_storage_url(spec)
-    _set_threads()
-    study = create_or_resume(spec, url, store.fingerprint)
     n_trials = args.n_trials or spec.n_trials
     if n_trials is None and not (args.timeout or spec.timeout):
         n_trials = 10
-    started = run_study(study, spec, store, n_trials, args.timeout or spec.timeout)
-    print(f"study {spec.name!r}: {started} trial(s) run now; storage {url}")
-    _print_report(study, Path("results") / spec.name, top=5)
-    print(f"dashboard: optuna-dashboard {url}")
+
+    def setup(study) -> None:
+        from search.runner import retry_interrupted
+
+        queued = retry_interrupted(study)
+        if queued:
+            print(f"{queued} interrupted trial(s) queued again with the same parameters")
+
+    return _run(args, spec, args.timeout or spec.timeout, setup,
+                lambda study, store, deadline: run_study(study, spec, store, n_trials, deadline), top=5)
 
 
-def cmd_ablate(args: argparse.Namespace) -> None:
-    from search.ablation import load_ablation, open_ablation, run_ablation
-    from search.storage import default_storage_url
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from search.ablation import enqueue_missing_cells, load_ablation, open_ablation, run_ablation
 
     ablation = load_ablation(args.study, args.overrides)
-    spec = ablation.study
-    store = _open_data(spec, args.data)
+    rows: dict = {}
+
+    def open_study(url: str, fingerprint: str):
+        study, opened = open_ablation(ablation, url, fingerprint)
+        rows.update(opened)
+        return study
+
+    def setup(study) -> None:
+        queued = enqueue_missing_cells(study, ablation, rows)
+        print(f"{queued} cell(s) queued of {len(rows) * len(ablation.seeds)}")
+
+    return _run(args, ablation.study, None, setup,
+                lambda study, store, deadline: run_ablation(study, ablation, rows, store, deadline), top=0,
+                open_study=open_study)
+
+
+def _run(args, spec, timeout, setup, run, top: int, open_study=None) -> int:
+    """What search and ablate share: data, storage, study; then this process or N workers run trials."""
+    import time
+
+    from search.runner import RunStats, gate, raise_on_sigterm
+    from search.spec import SpecError
+    from search.storage import default_storage_url
+    from search.strategies import make_pruner, make_sampler
+    from search.study import create_or_resume
+    from search.workers import Workers, apply_placement, parse_workers
+
+    raise_on_sigterm()  # only where trials run: SIGTERM must mark them failed, not leave them RUNNING
+    try:
+        n_workers = parse_workers(args.workers)
+    except ValueError as err:
+        raise SpecError(str(err)) from None
+    make_sampler(spec), make_pruner(spec)  # bad arguments: one line now, before any data or storage work
+    store = _open_data(spec, args.data, quiet=args.worker_id is not None)
     url = args.storage or spec.storage or default_storage_url(spec)
-    _set_threads()
-    study, rows = open_ablation(ablation, url, store.fingerprint)
-    ran = run_ablation(study, ablation, rows, store)
-    print(f"ablation {spec.name!r}: {ran} cell(s) run now; storage {url}")
-    _print_report(study, Path("results") / spec.name, top=0)
+    study = (open_study or (lambda u, fp: create_or_resume(spec, u, fp)))(url, store.fingerprint)
+    deadline = args.deadline or (time.time() + timeout if timeout else None)
+    if args.worker_id is not None:  # a worker started by the command below: run, say nothing more
+        apply_placement(args.threads, args.cpus)
+        stats = run(study, store, deadline)
+        if stats.stop_reason and stats.stop_reason != "timeout":
+            print(stats.stop_reason)
+        return EXIT_FAILED if stats.all_failed else 0
+
+    with gate(study):
+        setup(study)
+    if n_workers > 1:
+        workers = Workers(args.argv, n_workers, deadline)
+        print(f"{n_workers} workers on study {spec.name!r} ({workers.describe()})")
+        codes = workers.wait()
+        stats = RunStats.of(study, workers.names)
+        if EXIT_USAGE in codes:
+            return EXIT_USAGE
+    else:
+        apply_placement(None, None)
+        stats = run(study, store, deadline)
+        if stats.stop_reason and stats.stop_reason != "timeout":
+            print(stats.stop_reason, file=sys.stderr)
+    print(f"study {spec.name!r}: {stats.summary()}; storage {url}")
+    _print_report(study, Path("results") / spec.name, top=top)
+    print(f"dashboard: optuna-dashboard {url}")
+    return EXIT_FAILED if stats.all_failed else 0
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -193,7 +268,7 @@ def _load_study(study: str, storage: str | None):
     return load_existing_study(study, storage)
 
 
-def _open_data(spec, override: Path | None):
+def _open_data(spec, override: Path | None, quiet: bool = False):
     from data import DataError, open_store
     from data.synthetic import make_synthetic
     from search.spec import SpecError
@@ -202,7 +277,8 @@ def _open_data(spec, override: Path | None):
     if path is None:
         raise SpecError(f"{spec.path}: no dataset; give --data DIR or data.path in the study file")
     if not path.exists() and spec.synthetic and override is None:
-        print(f"generating synthetic dataset {path} ({spec.synthetic})")
+        if not quiet:
+            print(f"generating synthetic dataset {path} ({spec.synthetic})")
         try:
             make_synthetic(path, **spec.synthetic)
         except TypeError as err:
@@ -210,13 +286,6 @@ def _open_data(spec, override: Path | None):
     if not path.is_dir():
         raise DataError(f"{path}: dataset folder not found (a HW4 folder holds metadata.json and mapping.json)")
     return open_store(path)
-
-
-def _set_threads() -> None:
-    """One process per core set: torch's default can oversubscribe cores shared with other workers."""
-    import torch
-
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
 
 
 def _check_positive(flag: str, value: float | None) -> None:

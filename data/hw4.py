@@ -80,10 +80,16 @@ def load_feature(path: str | Path, n_mels: int, mel_len: int) -> torch.Tensor:
     return obj.to(torch.float32).contiguous()
 
 
-def fingerprint(root: str | Path, index: HW4Index | None = None) -> str:
-    """Identify a folder's content cheaply: JSON bytes plus (name, size) of each feature file.
+# name -> [size, mtime_ns, ctime_ns, content digest]: a file whose stat is unchanged is not read again.
+HashCache = dict[str, list]
 
-    No absolute paths or mtimes go in, so a copy of the folder has the same fingerprint.
+
+def fingerprint(root: str | Path, index: HW4Index | None = None, cache: HashCache | None = None) -> str:
+    """Identify a folder's content: JSON bytes plus (name, content digest) of each feature file.
+
+    No absolute paths or mtimes go in, so a copy of the folder has the same fingerprint; any edit of a
+    .pt file, even one that keeps its size, changes it. Pass `cache` (updated in place) to hash only the
+    files whose size, mtime or ctime changed since (ctime: an edit that restores the mtime is still seen).
     Pass `index` when it is already read, to skip parsing the JSON a second time.
     """
     root = Path(root)
@@ -96,20 +102,32 @@ def fingerprint(root: str | Path, index: HW4Index | None = None) -> str:
             digest.update(f"{name}\0{len(data)}\0".encode())
             digest.update(data)
     names = sorted(u.feature_path for u in index.train + index.test)
-    sizes = _file_sizes(root, names)
-    digest.update("".join(f"{name}\0{size}\n" for name, size in zip(names, sizes, strict=True)).encode())
+    contents = _content_digests(root, names, {} if cache is None else cache)
+    digest.update("".join(f"{name}\0{d}\n" for name, d in zip(names, contents, strict=True)).encode())
     return digest.hexdigest()[:16]
 
 
-def _file_sizes(root: Path, names: list[str]) -> list[int]:
-    # stat relative to an open directory fd: no path walk per file, which matters at 60k files per open.
+def _content_digests(root: Path, names: list[str], cache: HashCache) -> list[str]:
+    # stat/open relative to an open directory fd: no path walk per file, which matters at 60k files per open.
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    digests = []
     try:
-        return [os.stat(name, dir_fd=fd).st_size for name in names]
+        for name in names:
+            st = os.stat(name, dir_fd=fd)
+            key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+            known = cache.get(name)
+            if known is None or known[:3] != key:
+                file_fd = os.open(name, os.O_RDONLY, dir_fd=fd)
+                with os.fdopen(file_fd, "rb") as handle:
+                    known = cache[name] = [*key, hashlib.blake2b(handle.read(), digest_size=16).hexdigest()]
+            digests.append(known[3])
     except FileNotFoundError as err:
         raise DataError(f"{root / err.filename}: missing (listed in the folder's JSON files, no such file)") from None
     finally:
         os.close(fd)
+    for stale in set(cache) - set(names):
+        del cache[stale]
+    return digests
 
 
 def _read_json(path: Path) -> dict[str, Any]:

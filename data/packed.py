@@ -3,11 +3,12 @@
 Tens of thousands of small .pt files are slow to torch.load per item; one contiguous .npy opened with
 mmap is read by slicing, and every trial and process shares it through the OS page cache.
 
-Layout of a cache dir: `lock` (flock guard) and `pack/` (features.npy, index.npz, meta.json),
-where `pack/` is built in a temp dir next to it and swapped in with os.replace.
+Layout of a cache dir: `lock` (file lock), `file_hashes.json` (each .pt file's content digest, keyed by its
+size, mtime and ctime, so a reopen hashes only changed files) and `pack/` (features.npy, index.npz,
+meta.json), where `pack/` is built in a temp dir next to it and swapped in with os.replace.
 """
 
-import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 from numpy.lib.format import open_memmap
 
 from data.errors import DataError
@@ -25,6 +27,7 @@ from data.hw4 import HW4Index, fingerprint, load_feature, read_index
 
 FORMAT_VERSION = 1
 DEFAULT_DIRNAME = ".hw4pack"
+HASHES = "file_hashes.json"
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,7 +75,8 @@ def pack(root: str | Path, cache_dir: str | Path | None = None) -> Path:
 def open_store(root: str | Path, cache_dir: str | Path | None = None) -> PackedStore:
     """Open the packed store of a HW4 folder, packing it first if missing or stale.
 
-    Reads only the JSON files, file sizes and the small index; features stay on disk (mmap).
+    Reads the JSON files, stats every feature file (hashing those that changed) and the small index;
+    features stay on disk (mmap).
     """
     with _current_pack(root, cache_dir) as pack_dir:
         return _load(pack_dir)
@@ -82,15 +86,30 @@ def open_store(root: str | Path, cache_dir: str | Path | None = None) -> PackedS
 def _current_pack(root: str | Path, cache_dir: str | Path | None) -> Iterator[Path]:
     """Yield an up-to-date pack dir while holding the lock, so no concurrent repack swaps it."""
     index = read_index(root)
-    fp = fingerprint(root, index)
-    pack_dir = _resolve_cache_dir(Path(root), cache_dir, fp) / "pack"
-    with _locked(pack_dir.parent / "lock"):
+    pack_dir = _resolve_cache_dir(Path(root), cache_dir) / "pack"
+    with FileLock(pack_dir.parent / "lock"):
+        fp = _fingerprint(index, pack_dir.parent / HASHES)
         if not _is_current(pack_dir, fp):
             _build(index, fp, pack_dir)
         yield pack_dir
 
 
-def _resolve_cache_dir(root: Path, cache_dir: str | Path | None, fp: str) -> Path:
+def _fingerprint(index: HW4Index, hashes_path: Path) -> str:
+    """The folder's content fingerprint, re-hashing only files whose stat changed since the last open."""
+    try:
+        cache = json.loads(hashes_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    before = json.dumps(cache, sort_keys=True)
+    fp = fingerprint(index.root, index, cache)
+    if json.dumps(cache, sort_keys=True) != before:
+        tmp = hashes_path.with_name(f".{HASHES}.{os.getpid()}")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, hashes_path)  # readers see the old or the new file, never half of one
+    return fp
+
+
+def _resolve_cache_dir(root: Path, cache_dir: str | Path | None) -> Path:
     if cache_dir is not None:
         path = Path(cache_dir)
         path.mkdir(parents=True, exist_ok=True)
@@ -102,20 +121,11 @@ def _resolve_cache_dir(root: Path, cache_dir: str | Path | None, fp: str) -> Pat
             return path
         except OSError:
             pass  # e.g. a read-only mount that os.access does not see
-    # Keyed by fingerprint because the user cache is shared by every folder the user opens.
-    path = Path.home() / ".cache" / "hw4pack" / fp
+    # Keyed by the folder's path: the user cache is shared by every folder the user opens.
+    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    path = Path.home() / ".cache" / "hw4pack" / key
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-@contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _read_meta(pack_dir: Path) -> dict | None:

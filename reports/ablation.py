@@ -16,14 +16,31 @@ def is_ablation(study: optuna.Study) -> bool:
 
 
 def ablation_cells(study: optuna.Study) -> pd.DataFrame:
-    """One row per ablation trial: variant, seed, state, value (NaN unless complete)."""
+    """One row per ablation trial: trial, variant, seed, state, value (NaN unless complete).
+
+    A (variant, seed) cell with several complete trials (left by older versions after an interruption)
+    keeps its first one, by trial number; the others are dropped and listed in attrs["duplicates"]."""
     rows = [
-        {"variant": t.params["variant"], "seed": t.params["seed"], "state": t.state.name.lower(),
+        {"trial": t.number, "variant": t.params["variant"], "seed": t.params["seed"], "state": t.state.name.lower(),
          "value": t.value if t.state == optuna.trial.TrialState.COMPLETE else math.nan}
         for t in study.get_trials(deepcopy=False)
         if "variant" in t.params and t.state != optuna.trial.TrialState.WAITING
     ]
-    return pd.DataFrame(rows, columns=["variant", "seed", "state", "value"])
+    cells = pd.DataFrame(rows, columns=["trial", "variant", "seed", "state", "value"])
+    extra = (cells["state"] == "complete") & cells[cells["state"] == "complete"].duplicated(["variant", "seed"])
+    extra = extra.reindex(cells.index, fill_value=False)
+    duplicates = cells.loc[extra, "trial"].tolist()
+    cells = cells[~extra].reset_index(drop=True)
+    cells.attrs["duplicates"] = duplicates
+    return cells
+
+
+def duplicates_note(cells: pd.DataFrame) -> str:
+    dropped = cells.attrs.get("duplicates", [])
+    if not dropped:
+        return ""
+    return (f"Note: {len(dropped)} cell(s) had a second complete trial (trial(s) {', '.join(map(str, dropped))}); "
+            "each cell uses its first complete trial, the later ones are ignored.")
 
 
 def ablation_frame(study: optuna.Study, cells: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -50,7 +67,7 @@ def ablation_report(study: optuna.Study, plots: bool = False) -> Report:
         return Report(title, [Section(text=intro), Section(text="No finished cells yet.")], csv=table, tex=table)
     flagged = table["too_few_seeds"].fillna(False).astype(bool).any()
     sections = [
-        Section(text=intro, table=_display(table),
+        Section(text="\n\n".join(filter(None, [intro, duplicates_note(cells)])), table=_display(table),
                 note="(!) too few seeds: with 5 or fewer paired seeds the Wilcoxon test cannot reach p < 0.05 "
                      "whatever the data; add seeds before trusting a difference." if flagged else ""),
         Section("Cells by seed", "Final validation accuracy of each (variant, seed) run; "

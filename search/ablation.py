@@ -5,12 +5,14 @@ An ablation study file is a study file whose [model]/[train] values are all fixe
               baseline = "config" (this file's values) or "best:STUDY" (the best trial of STUDY in the same storage)
   [variants]  name = { key = value, ... }   (model or train keys, applied on top of the baseline)
 Every (row, seed) cell is one enqueued trial with params {"variant": row, "seed": seed}; a resumed
-ablation enqueues only the cells that have no complete trial yet, so finished cells are never rerun.
+ablation enqueues only the cells that have no complete, running or queued trial, and workers claim
+queued cells one at a time (Optuna pops a queued trial atomically), so no cell is trained twice.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -21,10 +23,10 @@ from optuna.trial import TrialState
 from data.packed import PackedStore
 from models import ConfigError, ModelConfig
 from search.config import RunConfig, TrainConfig
+from search.runner import RunStats, ablation_plan, cell_of, reap_stale_trials, run_trials
 from search.spec import SpecError, StudySpec, load_raw, parse_spec
 from search.storage import load_existing_study
 from search.study import create_or_resume, train_trial
-from search.train import NonFiniteLossError
 
 PLANS = ("one_at_a_time", "all_combinations", "leave_one_out")
 MODEL_KEYS = {f.name for f in fields(ModelConfig)}
@@ -129,24 +131,34 @@ def open_ablation(ablation: AblationSpec, storage: str, data_fingerprint: str
     return study, rows
 
 
-def run_ablation(study: optuna.Study, ablation: AblationSpec, rows: dict[str, RunConfig], store: PackedStore) -> int:
-    """Enqueue every (row, seed) cell without a complete trial and train them; return how many ran."""
-    done = {
-        (t.params.get("variant"), t.params.get("seed"))
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.WAITING))
-    }
-    todo = [(row, seed) for row in rows for seed in ablation.seeds if (row, seed) not in done]
+def enqueue_missing_cells(study: optuna.Study, ablation: AblationSpec, rows: dict[str, RunConfig]) -> int:
+    """Queue every (row, seed) cell that has no complete, running or queued trial; return how many.
+
+    Called once per command, holding the study's gate (search.runner.gate): a cell that fails again in
+    this run is not retried in a loop, and a cell whose worker died comes back through the heartbeat retry."""
+    reap_stale_trials(study)
+    taken = {cell_of(t) for t in study.get_trials(deepcopy=False, states=(
+        TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))}
+    todo = [(row, seed) for row in rows for seed in ablation.seeds if (row, seed) not in taken]
     for row, seed in todo:
         study.enqueue_trial({"variant": row, "seed": seed})
-    waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-    if not waiting:
-        return 0
+    return len(todo)
+
+
+def run_ablation(study: optuna.Study, ablation: AblationSpec, rows: dict[str, RunConfig], store: PackedStore,
+                 deadline: float | None = None, log: Callable[[str], None] = print) -> RunStats:
+    """Train queued cells until every cell is complete or nothing is left to run (see enqueue_missing_cells)."""
 
     def objective(trial: optuna.Trial) -> float:
+        cell = cell_of(trial.study.get_trials(deepcopy=False)[trial.number])
+        if cell is None or cell[0] not in rows:  # a new trial: another machine took the last queued cell
+            raise optuna.TrialPruned("no ablation cell left for this trial (another worker took it)")
         row = trial.suggest_categorical("variant", list(rows))
         seed = trial.suggest_categorical("seed", list(ablation.seeds))
         cfg = rows[row]
         return train_trial(trial, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed)), store)
 
-    study.optimize(objective, n_trials=waiting, catch=(NonFiniteLossError,), gc_after_trial=True)
-    return waiting
+    spec = ablation.study
+    cells = [(row, seed) for row in rows for seed in ablation.seeds]
+    return run_trials(study, objective, ablation_plan(cells), deadline, spec.max_failures_in_row,
+                      poll_s=min(5.0, spec.heartbeat_interval), log=log)

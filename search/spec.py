@@ -19,7 +19,8 @@ from models.config import known_keys
 from search.config import DataConfig, RunConfig, TrainConfig
 
 SECTIONS = ("study", "data", "sampler", "pruner", "model", "train", "ablation", "variants")
-STUDY_KEYS = ("name", "seed", "n_trials", "timeout", "storage", "heartbeat_interval", "grace_period")
+STUDY_KEYS = ("name", "seed", "n_trials", "timeout", "storage", "heartbeat_interval", "grace_period",
+              "max_failures_in_row")
 DATA_KEYS = ("path", "synthetic", *(f.name for f in fields(DataConfig)))
 RANGE_KEYS = {"low", "high", "log", "step"}
 VIRTUAL_MODEL_KEYS = ("head_dim",)  # searched instead of d_model: d_model = nhead * head_dim
@@ -73,6 +74,7 @@ class StudySpec:
     storage: str | None = None
     heartbeat_interval: int = 30
     grace_period: int = 120
+    max_failures_in_row: int = 5  # the study stops when this many trials in a row failed
     data_path: Path | None = None
     synthetic: dict[str, Any] | None = None
     data: DataConfig = field(default_factory=DataConfig)
@@ -181,6 +183,7 @@ def _parse(path: Path, raw: dict[str, Any]) -> StudySpec:
         storage=_typed(study, "study.storage", "storage", str, None),
         heartbeat_interval=_positive(study, "heartbeat_interval", int) or 30,
         grace_period=_positive(study, "grace_period", int) or 120,
+        max_failures_in_row=_positive(study, "max_failures_in_row", int) or 5,
         data_path=Path(data["path"]) if isinstance(data.get("path"), str) else None,
         synthetic=_typed(data, "data.synthetic", "synthetic", dict, None),
         data=DataConfig(**{k: v for k, v in data.items() if k not in ("path", "synthetic")}),

@@ -12,10 +12,11 @@ from optuna.trial import TrialState
 from data.packed import PackedStore
 from search.config import RunConfig
 from search.provenance import versions
+from search.runner import RunStats, run_trials, search_plan
 from search.spec import SpecError, StudySpec
-from search.storage import open_storage
+from search.storage import open_storage, retry_race
 from search.strategies import make_pruner, make_sampler
-from search.train import NonFiniteLossError, train
+from search.train import train
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 RESULT_ATTRS = ("n_params", "flops_per_segment", "steps_run", "steps_per_s", "samples_per_s", "best_valid_acc",
@@ -42,11 +43,7 @@ def train_trial(trial: optuna.Trial, cfg: RunConfig, store: PackedStore) -> floa
         trial.report(accuracy, step)
         return trial.should_prune()
 
-    try:
-        result = train(cfg, store, reporter)
-    except NonFiniteLossError as err:
-        trial.set_user_attr("fail_reason", str(err))
-        raise
+    result = train(cfg, store, reporter)  # a failure (e.g. NonFiniteLossError) is recorded by the runner
     for key in RESULT_ATTRS:
         trial.set_user_attr(key, getattr(result, key))
     if result.pruned:
@@ -59,28 +56,28 @@ def create_or_resume(spec: StudySpec, storage_url: str, data_fingerprint: str,
     """Create the study, or resume it if it exists and was made from the same space, budget and data
     (`identity` replaces the spec's own, e.g. an ablation's rows and seeds)."""
     storage = open_storage(storage_url, spec.heartbeat_interval, spec.grace_period)
-    study = optuna.create_study(
-        study_name=spec.name,
-        storage=storage,
-        sampler=make_sampler(spec),
-        pruner=make_pruner(spec),
-        direction="maximize",
-        load_if_exists=True,
-    )
+    sampler, pruner = make_sampler(spec), make_pruner(spec)
     identity = json.loads(json.dumps(identity or spec.identity()))  # as stored: tuples become lists
+
+    def create() -> optuna.Study:  # retried: other processes may create the same study at the same moment
+        study = optuna.create_study(study_name=spec.name, storage=storage, sampler=sampler, pruner=pruner,
+                                    direction="maximize", load_if_exists=True)
+        if study.user_attrs.get("spec") is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(["valid_acc"])  # how the dashboard labels the objective
+            study.set_user_attr("data_fingerprint", data_fingerprint)
+            study.set_user_attr("metric", "best validation accuracy")
+            study.set_user_attr("spec", identity)  # last: its presence means the study is fully set up
+        return study
+
+    study = retry_race(create)
     stored = study.user_attrs.get("spec")
-    if stored is None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(["valid_acc"])  # how the dashboard labels the objective
-        study.set_user_attr("spec", identity)
-        study.set_user_attr("data_fingerprint", data_fingerprint)
-        study.set_user_attr("metric", "best validation accuracy")
-    elif stored != identity:
-        changed = sorted(k for k in identity if stored.get(k) != identity[k])
+    if stored != identity:
+        key, old, new = first_difference(stored, identity)
         raise SpecError(
-            f"{spec.path}: study {spec.name!r} in {storage_url} was created with a different "
-            f"{', '.join(changed)}; resume it with the same settings or name a new study (--set study.name=NEW)"
+            f"{spec.path}: study {spec.name!r} in {storage_url} was created with a different {key}: "
+            f"{old} then, {new} now; resume it with the same settings or name a new study (--set study.name=NEW)"
         )
     elif study.user_attrs.get("data_fingerprint") != data_fingerprint:
         raise SpecError(
@@ -90,25 +87,36 @@ def create_or_resume(spec: StudySpec, storage_url: str, data_fingerprint: str,
     return study
 
 
+def first_difference(old: Any, new: Any, key: str = "") -> tuple[str, str, str]:
+    """The first key (dotted) where two stored identities differ, with both values as JSON."""
+    if isinstance(old, dict) and isinstance(new, dict) and not _is_param(old) and not _is_param(new):
+        for k in sorted(set(old) | set(new)):
+            if old.get(k, _MISSING) != new.get(k, _MISSING):
+                return first_difference(old.get(k, _MISSING), new.get(k, _MISSING), f"{key}.{k}" if key else k)
+    return key, _show(old), _show(new)
+
+
+_MISSING = object()
+
+
+def _is_param(value: dict) -> bool:
+    return bool({"value", "choices", "low"} & set(value))
+
+
+def _show(value: Any) -> str:
+    """A parameter as written in a study file: 80, [16, 32] or {low, high, ...}; '(not set)' if absent."""
+    if value is _MISSING:
+        return "(not set)"
+    if isinstance(value, dict) and set(value) in ({"value"}, {"choices"}):
+        value = next(iter(value.values()))
+    return json.dumps(value)
+
+
 def run_study(study: optuna.Study, spec: StudySpec, store: PackedStore, n_trials: int | None,
-              timeout: float | None) -> int:
-    """Run until the study holds n_trials finished (complete or pruned) trials, or the timeout passes.
+              deadline: float | None = None, log: Callable[[str], None] = print) -> RunStats:
+    """Run until the study holds n_trials finished (complete or pruned) trials, or the deadline passes.
 
     Counting finished trials in the storage makes a resumed run add only what is missing, and lets
-    several workers share one target. Returns the number of trials this call started."""
-    before = len(study.trials)
-    callbacks = []
-    if n_trials is not None:
-        remaining = n_trials - len(study.get_trials(deepcopy=False, states=FINISHED))
-        if remaining <= 0:
-            return 0
-        callbacks.append(optuna.study.MaxTrialsCallback(n_trials, states=FINISHED))
-    study.optimize(
-        make_objective(spec, store),
-        n_trials=None if n_trials is None else remaining,
-        timeout=timeout,
-        callbacks=callbacks,
-        catch=(NonFiniteLossError,),
-        gc_after_trial=True,
-    )
-    return len(study.trials) - before
+    several workers share one target; failed trials do not count."""
+    return run_trials(study, make_objective(spec, store), search_plan(n_trials), deadline,
+                      spec.max_failures_in_row, poll_s=min(5.0, spec.heartbeat_interval), log=log)

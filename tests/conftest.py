@@ -1,7 +1,9 @@
 """Shared fixtures: tiny valid HW4 folders written into tmp_path."""
 
 import json
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +102,41 @@ name = "random"
 [pruner]
 name = "none"
 """
+
+
+# Real database servers on every machine of ours (CI's included); each test gets its own database.
+SERVERS = {
+    "postgresql": ("postgresql://postgres@127.0.0.1:5432/{}", "postgres"),  # bare dialect, as users write it
+    "mysql": ("mysql+pymysql://root@127.0.0.1:3306/{}", "test"),
+}
+
+
+@contextmanager
+def fresh_database(kind: str) -> Iterator[str]:
+    """A new empty database on the local PostgreSQL or MariaDB server, dropped afterwards."""
+    import sqlalchemy
+
+    from search.storage import normalize_url
+
+    template, admin_db = SERVERS[kind]
+    name = f"hw4_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(normalize_url(template.format(admin_db)), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    try:
+        yield template.format(name)
+    finally:
+        drop = f"DROP DATABASE {name}" + (" WITH (FORCE)" if kind == "postgresql" else "")
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(drop))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mysql"])
+def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A NEW storage (no schema yet) of each kind: an SQLite file, a PostgreSQL or a MariaDB database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'shared.db'}"
+        return
+    with fresh_database(request.param) as url:
+        yield url

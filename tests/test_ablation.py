@@ -3,7 +3,7 @@ import pytest
 from optuna.trial import TrialState
 
 from reports import write_report
-from search.ablation import load_ablation, open_ablation, run_ablation
+from search.ablation import enqueue_missing_cells, load_ablation, open_ablation, run_ablation
 from search.spec import SpecError
 from tests.conftest import write_study
 
@@ -66,16 +66,22 @@ def _start(tmp_path, store, overrides=()):
     return ablation, rows, study
 
 
+def _run(study, ablation, rows, store) -> int:
+    """What `run-study ablate` does: queue the missing cells, then run the queue; returns the cells run."""
+    enqueue_missing_cells(study, ablation, rows)
+    return run_ablation(study, ablation, rows, store).ran
+
+
 def test_ablation_runs_every_cell_once_and_a_resume_reruns_nothing(tmp_path, tiny_store):
     ablation, rows, study = _start(tmp_path, tiny_store)
-    assert run_ablation(study, ablation, rows, tiny_store) == 6
+    assert _run(study, ablation, rows, tiny_store) == 6
     cells = {(t.params["variant"], t.params["seed"]): t for t in study.trials}
     assert set(cells) == {(r, s) for r in rows for s in (0, 1)}
     assert all(t.state == TrialState.COMPLETE for t in cells.values())
     assert cells[("wide", 1)].user_attrs["run_config"]["model"]["d_model"] == 24
     assert cells[("wide", 1)].user_attrs["seed"] == 1
     ablation, rows, study = _start(tmp_path, tiny_store)  # resume
-    assert run_ablation(study, ablation, rows, tiny_store) == 0
+    assert _run(study, ablation, rows, tiny_store) == 0
     assert len(study.trials) == 6
 
     text, paths = write_report(study, tmp_path / "out", formats=("md", "csv", "tex"))
@@ -93,14 +99,14 @@ def test_ablation_runs_every_cell_once_and_a_resume_reruns_nothing(tmp_path, tin
 
 def test_failed_cells_are_reported_and_retried_on_resume(tmp_path, tiny_store):
     ablation, rows, study = _start(tmp_path, tiny_store, ["variants.stats.loss=test_nan"])
-    assert run_ablation(study, ablation, rows, tiny_store) == 6
+    assert _run(study, ablation, rows, tiny_store) == 6
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
     assert {t.params["variant"] for t in failed} == {"stats"} and len(failed) == 2
     assert "non-finite" in failed[0].user_attrs["fail_reason"]
     text, _ = write_report(study, tmp_path / "out")
     assert "| stats " in text and "0/0/2" in text
     ablation, rows, study = _start(tmp_path, tiny_store, ["variants.stats.loss=test_nan"])
-    assert run_ablation(study, ablation, rows, tiny_store) == 2  # only the failed cells, again
+    assert _run(study, ablation, rows, tiny_store) == 2  # only the failed cells, again
 
 
 def test_baseline_can_be_the_best_trial_of_another_study(tmp_path, tiny_store):

@@ -155,10 +155,10 @@ seeds = [0, 1]
 stats = { pooling = "stats" }
 """)
     run = cli("ablate", str(study), "--data", "ds", cwd=tmp_path)
-    assert "ablation 'abl': 4 cell(s) run now" in run.stdout
+    assert "study 'abl': 4 trial(s) run now (4 complete)" in run.stdout
     assert "| stats" in run.stdout and "too few seeds" in run.stdout
     again = cli("ablate", str(study), "--data", "ds", cwd=tmp_path)
-    assert "0 cell(s) run now" in again.stdout
+    assert "0 trial(s) run now" in again.stdout
     report = cli("report", str(study), "--out", "out", cwd=tmp_path)
     assert "# Ablation `abl`" in report.stdout
     assert_one_line_error(cli("search", str(study), "--data", "ds", cwd=tmp_path, check=False),

@@ -70,7 +70,7 @@ def test_bad_file_reported_and_no_pack_left(hw4_folder):
     torch.save({"not": "a tensor"}, root / bad)
     with pytest.raises(DataError, match=str(root / bad)):
         open_store(root)
-    assert sorted(p.name for p in (root / ".hw4pack").iterdir()) == ["lock"]
+    assert sorted(p.name for p in (root / ".hw4pack").iterdir()) == ["file_hashes.json", "lock"]
 
 
 def test_explicit_cache_dir(hw4_folder, tmp_path):
@@ -86,7 +86,8 @@ def test_unwritable_root_falls_back_to_user_cache(hw4_folder, tmp_path, monkeypa
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != root and real_access(p, mode))
     store = open_store(root)
-    assert (tmp_path / "home" / ".cache" / "hw4pack" / store.fingerprint / "pack" / "meta.json").is_file()
+    packs = list((tmp_path / "home" / ".cache" / "hw4pack").glob("*/pack/meta.json"))
+    assert len(packs) == 1 and json.loads(packs[0].read_text())["fingerprint"] == store.fingerprint
     assert not (root / ".hw4pack").exists()
 
 
@@ -132,4 +133,44 @@ def test_leftovers_of_a_killed_build_are_removed(hw4_folder):
     leftover.mkdir(parents=True)
     (leftover / "features.npy").write_bytes(b"partial")
     open_store(root)
-    assert sorted(p.name for p in (root / ".hw4pack").iterdir()) == ["lock", "pack"]
+    assert sorted(p.name for p in (root / ".hw4pack").iterdir()) == ["file_hashes.json", "lock", "pack"]
+
+
+def _rewrite_same_size(path: Path, tensor: torch.Tensor) -> None:
+    """Overwrite a .pt with other values of the same shape, then put its old mtime back (size unchanged)."""
+    stat = path.stat()
+    torch.save(tensor, path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+
+
+def test_same_size_edit_is_detected_validated_and_repacked(hw4_folder):
+    root = hw4_folder()
+    store = open_store(root)
+    pack_dir, stamp = root / ".hw4pack" / "pack", meta_stamp(root / ".hw4pack" / "pack")
+    name = store.feature_paths[3]
+    shape = store.utterance(3).shape
+    assert meta_stamp(pack_dir) == stamp and open_store(root).fingerprint == store.fingerprint  # unchanged: reused
+
+    _rewrite_same_size(root / name, torch.full(shape, 7.0))  # re-extracted features, same shape
+    edited = open_store(root)
+    assert edited.fingerprint != store.fingerprint and meta_stamp(pack_dir) != stamp
+    assert np.array_equal(edited.utterance(3), np.full(shape, 7.0, dtype=np.float32))
+
+    poisoned = torch.full(shape, 7.0)
+    poisoned[0, 0] = float("nan")
+    _rewrite_same_size(root / name, poisoned)  # an injected NaN is validated, not packed silently
+    with pytest.raises(DataError, match=f"{root / name}: has 1 non-finite"):
+        open_store(root)
+
+
+def test_unchanged_files_are_not_read_again(hw4_folder, monkeypatch):
+    root = hw4_folder()
+    open_store(root)
+    hashes = json.loads((root / ".hw4pack" / "file_hashes.json").read_text())
+    assert len(hashes) == 23 and all(len(v) == 4 for v in hashes.values())
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda p, *a, **k: opened.append(p) or real_open(p, *a, **k))
+    open_store(root)
+    assert [p for p in opened if str(p).endswith(".pt")] == []

@@ -264,3 +264,17 @@ def test_studies_without_finished_trials_still_report(tmp_path):
     _, paths = write_comparison([empty, ablation], tmp_path, ("csv", "html"))
     overview = pd.read_csv(paths[0])
     assert overview[["complete", "pruned", "failed"]].sum().sum() == 0 and overview["best valid_acc"].isna().all()
+
+
+def test_ablation_with_duplicate_complete_cells_reports_the_first_and_says_so(tmp_path):
+    study = _ablation_study()
+    first = {(t.params["variant"], t.params["seed"]): t.value for t in study.trials if t.value is not None}
+    dup = study.trials[3]  # ("wide", 0): trained twice by an older version after an interruption
+    study.add_trial(create_trial(params=dup.params, distributions=dup.distributions, value=0.99))
+    text, _ = write_report(study, tmp_path, formats=("md",))
+    notes = [line for line in text.splitlines() if "second complete trial" in line]
+    assert notes == ["Note: 1 cell(s) had a second complete trial (trial(s) 9); each cell uses its first complete "
+                     "trial, the later ones are ignored."]
+    wide = next(line for line in text.splitlines() if line.startswith("| wide"))
+    assert [c.strip() for c in wide.strip("|").split("|")][1:3] == ["3/0/0", "0.6200 ± 0.0265"]
+    assert first[("wide", 0)] == 0.60

@@ -1,0 +1,76 @@
+"""Trials/hour of studies/quickstart.toml run three ways, in one run on this machine.
+
+  one process    run-study search ... (--workers 1): one process, torch threads = all usable cores
+  --workers 2    two worker processes, cores // 2 threads each, pinned one per core set
+  2 commands     two independent `run-study search` commands side by side, each with all cores' threads
+                 (what users did before --workers: the 0.4x case of issue 8)
+
+Every way runs the same number of trials of the same architecture (the quickstart space with its model
+fixed to one mid-size choice, pruning off) so trials cost the same; lr is still sampled. trials/hour is
+counted from the storage (first trial start to last trial end); `wall` includes start-up (imports, data).
+
+Run from the repository root:  python -m bench.bench_workers [--trials 6]
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXED = ["model.d_model=64", "model.nhead=4", "model.n_layers=1", "model.dropout=0.1", "model.head=linear",
+         "pruner.name=none"]
+
+
+def run_way(label: str, commands: list[list[str]], storage: str, data: Path) -> tuple[str, float, float, int]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    start = time.time()
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "run_study.py"), *cmd, "--storage", storage,
+                               "--data", str(data), "--set", "study.name=bench"] +
+                              [a for f in FIXED for a in ("--set", f)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for cmd in commands]
+    for p in procs:
+        _, err = p.communicate()
+        if p.returncode:
+            raise SystemExit(f"{label}: exit {p.returncode}: {err[-2000:]}")
+    wall = time.time() - start
+    trials = optuna.load_study(study_name="bench", storage=storage).get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    span = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
+    return label, len(trials) / span * 3600, wall, len(trials)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=6, help="trials per way")
+    args = parser.parse_args()
+    study = str(ROOT / "studies" / "quickstart.toml")
+    n = str(args.trials)
+    with tempfile.TemporaryDirectory() as tmp:
+        from data.synthetic import make_synthetic
+
+        data = make_synthetic(Path(tmp) / "quickstart", speakers=40, utterances_per_speaker=60, seed=0)
+        subprocess.run([sys.executable, str(ROOT / "run_study.py"), "pack", str(data)], check=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL)
+        ways = [
+            ("one process (all cores' threads)", [["search", study, "--n-trials", n]]),
+            ("--workers 2 (1 thread, 1 core each)", [["search", study, "--n-trials", n, "--workers", "2"]]),
+            ("2 commands side by side (unpinned)", [["search", study, "--n-trials", n]] * 2),
+        ]
+        rows = [run_way(label, cmds, f"sqlite:///{Path(tmp) / f'w{i}.db'}", data)
+                for i, (label, cmds) in enumerate(ways)]
+    base = rows[0][1]
+    print(f"{len(os.sched_getaffinity(0))} usable cores, {args.trials} trials per way, quickstart d_model=64\n")
+    print(f"| {'way':<36} | trials | trials/hour | vs one process | wall s |")
+    print(f"|{'-' * 38}|--------|-------------|----------------|--------|")
+    for label, rate, wall, count in rows:
+        print(f"| {label:<36} | {count:>6} | {rate:>11.0f} | {rate / base:>13.2f}x | {wall:>6.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""The one trial loop, for searches and ablations, for one process or many on one storage.
+
+Each turn of the loop takes the study's gate (a file lock, so local workers and other local commands
+take turns), reaps trials whose worker died (heartbeats), asks the plan what to do and either runs ONE
+trial through `study.optimize(n_trials=1)` (so Optuna keeps the heartbeat, the pruner and the bookkeeping),
+waits for trials that others are running, or stops. The gate is held until the new trial exists, so
+"how many are finished or running" and "create one more" are one step: N workers on one machine never
+overshoot a target, nor claim the same ablation cell.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import socket
+import tempfile
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from filelock import FileLock
+from optuna.exceptions import ExperimentalWarning
+from optuna.trial import FrozenTrial, TrialState
+
+from search.storage import sqlite_path
+
+RUN, WAIT, DONE = "run", "wait", "done"
+INTERRUPTED = "interrupted"  # fail_reason of a trial stopped by SIGINT/SIGTERM: the next run retries it
+DEFAULT_MAX_FAILURES_IN_ROW = 5
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so Optuna marks the running trial FAIL instead of leaving it RUNNING."""
+
+
+class TrialFailed(Exception):
+    """A trial's own error (NaN loss, out of memory, ...): the trial fails, the study goes on."""
+
+
+def exit_code(interrupt: KeyboardInterrupt) -> int:
+    return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+
+
+def raise_on_sigterm() -> None:
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+class _DropInterruptTracebacks(logging.Filter):
+    """Optuna logs an interrupted trial as a failure with its traceback; our one-line message says it.
+    Its second line for any failed trial ("Trial N failed with value None.") only repeats the first."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        info = record.exc_info
+        if info and info[0] and issubclass(info[0], KeyboardInterrupt):
+            return False
+        return not (record.getMessage().startswith("Trial ") and record.getMessage().endswith(
+            " failed with value None."))
+
+
+def quiet_interrupts() -> None:
+    """On optuna's handlers: a logger's own filters do not see records of its child loggers."""
+    for handler in optuna.logging.get_logger("optuna").handlers:
+        if not any(isinstance(f, _DropInterruptTracebacks) for f in handler.filters):
+            handler.addFilter(_DropInterruptTracebacks())
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# --- what to do next -------------------------------------------------------------------------------------
+Plan = Callable[[list[FrozenTrial]], str]  # all trials of the study -> RUN, WAIT or DONE
+
+
+def search_plan(n_trials: int | None) -> Plan:
+    """Run until the study holds n_trials finished (complete or pruned) trials; failed ones do not count.
+    Queued trials (retries, enqueued configs) are always run; otherwise start one only while the finished
+    plus running trials are fewer than n_trials, and wait for running ones (they may die and be retried)."""
+
+    def plan(trials: list[FrozenTrial]) -> str:
+        states = Counter(t.state for t in trials)
+        finished = states[TrialState.COMPLETE] + states[TrialState.PRUNED]
+        if n_trials is not None and finished >= n_trials:
+            return DONE
+        if states[TrialState.WAITING] or n_trials is None or finished + states[TrialState.RUNNING] < n_trials:
+            return RUN
+        return WAIT
+
+    return plan
+
+
+def cell_of(trial: FrozenTrial) -> tuple[Any, Any] | None:
+    """An ablation trial's (variant, seed): its params, or for a queued trial the params it was enqueued with."""
+    params = trial.params or trial.system_attrs.get("fixed_params") or {}
+    if "variant" not in params or "seed" not in params:
+        return None
+    return params["variant"], params["seed"]
+
+
+def ablation_plan(cells: list[tuple[str, int]]) -> Plan:
+    """Run queued cells; wait while cells are running elsewhere (a killed worker's cell comes back as a
+    queued retry once its heartbeat is stale); done when no cell is queued or running."""
+    wanted = set(cells)
+
+    def plan(trials: list[FrozenTrial]) -> str:
+        by_state: dict[TrialState, set] = {}
+        for t in trials:
+            by_state.setdefault(t.state, set()).add(cell_of(t))
+        if wanted <= by_state.get(TrialState.COMPLETE, set()):
+            return DONE
+        if by_state.get(TrialState.WAITING):
+            return RUN
+        return WAIT if by_state.get(TrialState.RUNNING) else DONE
+
+    return plan
+
+
+# --- the loop --------------------------------------------------------------------------------------------
+@dataclass
+class RunStats:
+    states: Counter = field(default_factory=Counter)  # state name -> trials this process ran
+    stop_reason: str = ""
+
+    @property
+    def ran(self) -> int:
+        return sum(self.states.values())
+
+    @property
+    def all_failed(self) -> bool:
+        return self.ran > 0 and self.states["FAIL"] == self.ran
+
+    @classmethod
+    def of(cls, study: optuna.Study, workers: set[str]) -> RunStats:
+        """What the given workers (host:pid, see worker_name) ran in this study."""
+        stats = cls()
+        for t in study.get_trials(deepcopy=False):
+            if t.user_attrs.get("worker") in workers and t.state.is_finished():
+                stats.states[t.state.name] += 1
+        return stats
+
+    def summary(self) -> str:
+        parts = [f"{self.states[s]} {s.lower()}" for s in ("COMPLETE", "PRUNED", "FAIL") if self.states[s]]
+        return f"{self.ran} trial(s) run now" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def gate_path(study: optuna.Study) -> Path:
+    """One lock file per (storage, study) on this machine, in the temp folder (works for any storage URL)."""
+    storage = study._storage
+    url = getattr(getattr(storage, "_backend", storage), "url", None)  # RDBStorage behind Optuna's cache
+    if url is None:  # an in-memory storage lives in this process only
+        url = f"memory:{os.getpid()}:{id(storage)}"
+    path = sqlite_path(url) if url.startswith("sqlite") else None
+    key = f"{path.resolve() if path else url}\0{study.study_name}"
+    return Path(tempfile.gettempdir()) / f"hw4-search-{hashlib.sha256(key.encode()).hexdigest()[:16]}.lock"
+
+
+def gate(study: optuna.Study) -> FileLock:
+    """The study's gate on this machine: hold it to change what is queued (retries, ablation cells)."""
+    return FileLock(gate_path(study))
+
+
+def run_trials(
+    study: optuna.Study,
+    objective: Callable[[optuna.Trial], float],
+    plan: Plan,
+    deadline: float | None = None,
+    max_failures_in_row: int = DEFAULT_MAX_FAILURES_IN_ROW,
+    poll_s: float = 5.0,
+    log: Callable[[str], None] = print,
+) -> RunStats:
+    """Run trials of `study` as `plan` says until it is done, the deadline (time.time()) passes, or
+    `max_failures_in_row` trials in a row failed. Returns what this process ran."""
+    stats = RunStats()
+    lock = gate(study)
+    quiet_interrupts()
+    waiting_said = False
+    while True:
+        if deadline is not None and time.time() >= deadline:
+            stats.stop_reason = "timeout"
+            return stats
+        lock.acquire()
+        try:
+            reap_stale_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            failed_in_row = _failures_in_row(trials, max_failures_in_row)
+            if failed_in_row:
+                stats.stop_reason = (f"stopped: the last {max_failures_in_row} trials failed (last reason: "
+                                     f"{failed_in_row}); fix the study file, then run again")
+                return stats
+            action = plan(trials)
+            if action == DONE:
+                return stats
+            if action == WAIT:
+                lock.release()
+                if not waiting_said:
+                    log("waiting for trials running elsewhere (another worker, or a killed one whose heartbeat "
+                        f"expires after the grace period {getattr(study._storage, 'grace_period', '?')} s)")
+                    waiting_said = True
+                time.sleep(poll_s)
+                continue
+            number = _run_one(study, objective, lock)
+        finally:
+            if lock.is_locked:
+                lock.release()
+        if number is not None:
+            stats.states[study.get_trials(deepcopy=False)[number].state.name] += 1
+
+
+def _run_one(study: optuna.Study, objective: Callable[[optuna.Trial], float], gate: FileLock) -> int | None:
+    """One trial through Optuna; the gate is released as soon as the trial exists (first line of the objective)."""
+    ran: list[int] = []
+
+    def wrapped(trial: optuna.Trial) -> float:
+        gate.release()
+        ran.append(trial.number)
+        trial.set_user_attr("worker", worker_name())
+        try:
+            return objective(trial)
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", INTERRUPTED)
+            raise
+        except (optuna.TrialPruned, *USER_ERRORS):
+            raise
+        except Exception as err:
+            reason = str(err) or type(err).__name__
+            trial.set_user_attr("fail_reason", reason)
+            raise TrialFailed(reason) from err
+
+    study.optimize(wrapped, n_trials=1, catch=(TrialFailed,), gc_after_trial=True)
+    return ran[0] if ran else None
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from data import DataError
+    from models import ConfigError
+    from search.spec import SpecError
+
+    return DataError, SpecError, ConfigError
+
+
+USER_ERRORS = _user_errors()  # a bad study file or dataset: stop with the one-line error, not "trial failed"
+
+
+def _failures_in_row(trials: list[FrozenTrial], k: int) -> str:
+    """The last failure's reason when the last k ended trials all failed on their own (not interrupted,
+    not reaped after their worker died); else ''."""
+    ended = [t for t in trials if t.state.is_finished()
+             and not (t.state == TrialState.FAIL and t.user_attrs.get("fail_reason", INTERRUPTED) == INTERRUPTED)]
+    last = ended[-k:]
+    if k <= 0 or len(last) < k or any(t.state != TrialState.FAIL for t in last):
+        return ""
+    return last[-1].user_attrs["fail_reason"]
+
+
+def reap_stale_trials(study: optuna.Study) -> None:
+    """Trials whose worker stopped sending heartbeats become FAIL and are queued again (Optuna's retry callback)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def retry_interrupted(study: optuna.Study) -> int:
+    """Queue again, with the same parameters, every trial stopped by SIGINT/SIGTERM and not yet retried
+    (as Optuna's heartbeat retry does for killed workers). Returns how many were queued."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    queued = 0
+    for t in trials:
+        if t.state == TrialState.FAIL and t.user_attrs.get("fail_reason") == INTERRUPTED and t.number not in retried:
+            history = [*t.system_attrs.get("retry_history", []), t.number]
+            system_attrs = {k: v for k, v in t.system_attrs.items() if k == "fixed_params"}
+            study.add_trial(optuna.create_trial(
+                state=TrialState.WAITING, params=t.params, distributions=t.distributions,
+                system_attrs={**system_attrs, "failed_trial": history[0], "retry_history": history},
+            ))
+            queued += 1
+    return queued

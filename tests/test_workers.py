@@ -1,0 +1,191 @@
+"""Many processes on one study, on every storage, with real processes and signals (SIGINT, SIGTERM, kill -9)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search.storage import normalize_url
+from tests.conftest import TINY_STUDY
+from tests.test_cli import ROOT, assert_one_line_error, cli
+
+SPACE = """
+[model]
+d_model = 16
+nhead = 2
+ff_mult = 2.0
+dropout = 0.0
+[train]
+max_steps = {steps}
+valid_steps = 20
+warmup_steps = 5
+segment_len = 32
+batch_size = 16
+lr = {{ low = 1e-4, high = 1e-2, log = true }}
+"""
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def write_study(path: Path, body: str) -> Path:
+    """A tiny study whose killed trials are noticed fast: heartbeat every 1 s, stale after 3 s."""
+    path.write_text(TINY_STUDY.replace("seed = 0", "seed = 0\nheartbeat_interval = 1\ngrace_period = 3") + body)
+    return path
+
+
+def fixed(steps: int) -> str:
+    """SPACE with nothing searched: an ablation's baseline."""
+    return SPACE.format(steps=steps).replace("lr = { low = 1e-4, high = 1e-2, log = true }", "lr = 3e-3")
+
+
+def start(*args: str, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, str(ROOT / "run_study.py"), *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def trials(name: str, url: str) -> list[optuna.trial.FrozenTrial]:
+    try:
+        return optuna.load_study(study_name=name, storage=normalize_url(url)).trials
+    except KeyError:  # not created yet
+        return []
+
+
+def wait_for(condition, name: str, url: str, limit: float = 240) -> list[optuna.trial.FrozenTrial]:
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        now = trials(name, url)
+        if condition(now):
+            return now
+        time.sleep(0.1)
+    raise AssertionError(f"timed out; states: {[t.state.name for t in trials(name, url)]}")
+
+
+def n_state(ts, *states) -> int:
+    return sum(t.state in states for t in ts)
+
+
+def test_independent_commands_with_workers_share_a_new_storage(tmp_path, tiny_synthetic, storage_url):
+    """2 commands x 2 workers start together on a storage with no schema: no creation race is fatal, exactly
+    6 finished trials, none repeated (each process and each trial samples from its own stream)."""
+    study = write_study(tmp_path / "par.toml", SPACE.format(steps=20))
+    args = ("search", str(study), "--data", str(tiny_synthetic), "--storage", storage_url, "--n-trials", "6",
+            "--workers", "2")
+    procs = [start(*args, cwd=tmp_path) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err + out
+        assert "Traceback" not in err + out
+    ts = trials("par", storage_url)
+    assert n_state(ts, *FINISHED) == 6 and len(ts) == 6, [t.state for t in ts]
+    lrs = [t.params["lr"] for t in ts]
+    assert len(set(lrs)) == 6  # a continuous space: any repeat is a duplicated stream
+    assert len({t.user_attrs["worker"] for t in ts}) >= 2
+    worker_lines = [line for out, _ in outs for line in out.splitlines() if line.startswith("[w")]
+    assert worker_lines and all(line[:5] in ("[w0] ", "[w1] ") for line in worker_lines)
+
+
+@pytest.mark.parametrize(("signum", "code", "workers"), [(signal.SIGINT, 130, "2"), (signal.SIGTERM, 143, "1")])
+def test_sigint_and_sigterm_stop_cleanly_and_the_rerun_retries(tmp_path, tiny_synthetic, signum, code, workers):
+    study = write_study(tmp_path / "sig.toml", SPACE.format(steps=3000))
+    url = f"sqlite:///{tmp_path / 'sig.db'}"
+    args = ("search", str(study), "--data", str(tiny_synthetic), "--n-trials", "2", "--workers", workers)
+    proc = start(*args, cwd=tmp_path)
+    wait_for(lambda ts: n_state(ts, TrialState.RUNNING) == int(workers), "sig", url)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err + out
+    said = [line for line in (err + out).splitlines() if "interrupted" in line]
+    assert len(said) == 1 and said[0].startswith(f"interrupted ({signal.Signals(signum).name})"), err + out
+    stopped = trials("sig", url)
+    assert stopped and n_state(stopped, TrialState.RUNNING) == 0
+    assert all(t.state == TrialState.FAIL and t.user_attrs["fail_reason"] == "interrupted" for t in stopped)
+    if signum != signal.SIGINT:
+        return
+    # The rerun (a shorter study would be refused as a changed budget) queues each interrupted trial once.
+    rerun = start(*args, cwd=tmp_path)
+    wait_for(lambda ts: n_state(ts, TrialState.RUNNING) == 2, "sig", url)
+    rerun.send_signal(signal.SIGINT)
+    rerun.communicate(timeout=60)
+    after = trials("sig", url)
+    retried = [t for t in after if t.system_attrs.get("failed_trial") is not None]
+    assert sorted(t.system_attrs["failed_trial"] for t in retried) == [t.number for t in stopped]
+    assert {t.params["lr"] for t in retried} == {t.params["lr"] for t in stopped}
+
+
+def test_killed_ablation_worker_cell_is_retried_once_and_every_cell_completes(tmp_path, tiny_synthetic):
+    study = write_study(tmp_path / "abl.toml", fixed(400) + """
+[ablation]
+seeds = [0, 1]
+[variants]
+stats = { pooling = "stats" }
+""")
+    url = f"sqlite:///{tmp_path / 'abl.db'}"
+    args = ("ablate", str(study), "--data", str(tiny_synthetic), "--workers", "2")
+    proc = start(*args, cwd=tmp_path)
+    running = wait_for(lambda ts: n_state(ts, TrialState.RUNNING) == 2, "abl", url)
+    victim = next(t for t in running if t.state == TrialState.RUNNING)
+    os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)  # kill -9 one worker mid-cell
+    out, err = proc.communicate(timeout=300)  # the other worker waits out the grace period and reruns the cell
+    assert proc.returncode == 0, err + out
+    ts = trials("abl", url)
+    cells = [(t.params["variant"], t.params["seed"]) for t in ts if t.state == TrialState.COMPLETE]
+    assert sorted(cells) == sorted({(v, s) for v in ("baseline", "stats") for s in (0, 1)})  # each exactly once
+    assert ts[victim.number].state == TrialState.FAIL and n_state(ts, TrialState.RUNNING, TrialState.WAITING) == 0
+    retry = [t for t in ts if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retry) == 1 and retry[0].params == victim.params and retry[0].state == TrialState.COMPLETE
+    again = cli(*args, cwd=tmp_path)
+    assert "0 trial(s) run now" in again.stdout and len(trials("abl", url)) == len(ts)
+
+
+def test_ablation_interrupted_then_resumed_has_one_complete_trial_per_cell(tmp_path, tiny_synthetic):
+    study = write_study(tmp_path / "abi.toml", fixed(300) + """
+[ablation]
+seeds = [0, 1, 2]
+[variants]
+stats = { pooling = "stats" }
+""")
+    url = f"sqlite:///{tmp_path / 'abi.db'}"
+    args = ("ablate", str(study), "--data", str(tiny_synthetic))
+    proc = start(*args, cwd=tmp_path)
+    wait_for(lambda ts: n_state(ts, TrialState.COMPLETE) >= 1 and n_state(ts, TrialState.RUNNING) == 1, "abi", url)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    cli(*args, cwd=tmp_path)
+    ts = trials("abi", url)
+    cells = [(t.params["variant"], t.params["seed"]) for t in ts if t.state == TrialState.COMPLETE]
+    assert sorted(cells) == sorted({(v, s) for v in ("baseline", "stats") for s in (0, 1, 2)})
+    assert n_state(ts, TrialState.FAIL) == 1 and n_state(ts, TrialState.RUNNING, TrialState.WAITING) == 0
+    report = cli("report", str(study), "--format", "md", cwd=tmp_path)
+    assert "| baseline" in report.stdout
+
+
+def test_bad_inputs_are_one_line_and_store_nothing(tmp_path, tiny_synthetic):
+    study = write_study(tmp_path / "bad.toml", SPACE.format(steps=20))
+    data = ("--data", str(tiny_synthetic))
+    assert_one_line_error(cli("search", str(study), *data, "--set", "sampler.name=tpe", "--set",
+                              "sampler.n_startup_trials=abc", cwd=tmp_path, check=False),
+                          "sampler.n_startup_trials='abc' must be int")
+    assert_one_line_error(cli("search", str(study), *data, "--workers", "0", cwd=tmp_path, check=False),
+                          "--workers '0' must be a positive integer or 'auto'")
+    assert_one_line_error(cli("search", str(study), "--n-trials", "x", cwd=tmp_path, check=False),
+                          "argument --n-trials: invalid int value: 'x'")
+    assert_one_line_error(cli("report", str(study), cwd=tmp_path, check=False), "no study 'bad'",
+                          "does not exist")
+    assert_one_line_error(cli("dashboard", "nope", "--storage", f"sqlite:///{tmp_path / 'nope.db'}", cwd=tmp_path,
+                              check=False), "no study 'nope'")
+    ablation = write_study(tmp_path / "abl.toml", fixed(20) + """
+[ablation]
+seeds = [0]
+baseline = "best:missing"
+[variants]
+stats = { pooling = "stats" }
+""")
+    assert_one_line_error(cli("ablate", str(ablation), *data, cwd=tmp_path, check=False), "no study 'missing'")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".db") == []  # nothing was created
