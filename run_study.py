@@ -168,14 +168,14 @@ def _run(args, spec, timeout, setup, run, top: int, open_study=None) -> int:
     """What search and ablate share: data, storage, study; then this process or N workers run trials."""
     import time
 
-    from search.runner import RunStats, gate, raise_on_sigterm
+    from search.runner import RunStats, gate, handle_signals
     from search.spec import SpecError
     from search.storage import default_storage_url
     from search.strategies import make_pruner, make_sampler
     from search.study import create_or_resume
     from search.workers import Workers, apply_placement, parse_workers
 
-    raise_on_sigterm()  # only where trials run: SIGTERM must mark them failed, not leave them RUNNING
+    handle_signals()  # only where trials run: SIGINT/SIGTERM must mark them failed, not leave them RUNNING
     try:
         n_workers = parse_workers(args.workers)
     except ValueError as err:

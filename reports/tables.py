@@ -36,7 +36,7 @@ def top_trials(frame: pd.DataFrame, k: int = 10) -> pd.DataFrame:
     if frame.empty:
         return frame
     done = frame[frame["state"] == "complete"].sort_values("valid_acc", ascending=False).head(k)
-    return done.dropna(axis=1, how="all").drop(columns=["state"]).reset_index(drop=True)
+    return done.dropna(axis=1, how="all").drop(columns=["state"], errors="ignore").reset_index(drop=True)
 
 
 def best_config(study: optuna.Study) -> dict | None:

@@ -18,7 +18,8 @@ import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,11 +48,45 @@ def exit_code(interrupt: KeyboardInterrupt) -> int:
     return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
 
 
-def raise_on_sigterm() -> None:
-    def handler(signum: int, frame: Any) -> None:
-        raise Terminated()
+# Signals. Raising from a handler can land anywhere, e.g. inside a weakref callback or __del__ during
+# training, where Python prints "Exception ignored" and drops the exception: the trial would go on.
+# So while a trial trains the handler only records the signal and train() checks it every step
+# (poll_interrupt); elsewhere (waiting, sleeping, set-up) it raises at once.
+_pending: int | None = None
+_deferring = False
 
-    signal.signal(signal.SIGTERM, handler)
+
+def _interrupt(signum: int) -> KeyboardInterrupt:
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _handler(signum: int, frame: Any) -> None:
+    global _pending
+    _pending = signum
+    if not _deferring:
+        raise _interrupt(signum)
+
+
+def handle_signals() -> None:
+    """SIGINT and SIGTERM stop this process as KeyboardInterrupt / Terminated (see above)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _handler)
+
+
+def poll_interrupt() -> None:
+    """Raise the interrupt recorded by a signal, if any (called every training step and between trials)."""
+    if _pending is not None:
+        raise _interrupt(_pending)
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    global _deferring
+    previous, _deferring = _deferring, True
+    try:
+        yield
+    finally:
+        _deferring = previous
 
 
 class _DropInterruptTracebacks(logging.Filter):
@@ -184,6 +219,7 @@ def run_trials(
     quiet_interrupts()
     waiting_said = False
     while True:
+        poll_interrupt()
         if deadline is not None and time.time() >= deadline:
             stats.stop_reason = "timeout"
             return stats
@@ -224,7 +260,8 @@ def _run_one(study: optuna.Study, objective: Callable[[optuna.Trial], float], ga
         ran.append(trial.number)
         trial.set_user_attr("worker", worker_name())
         try:
-            return objective(trial)
+            with deferred_interrupts():
+                return objective(trial)
         except KeyboardInterrupt:
             trial.set_user_attr("fail_reason", INTERRUPTED)
             raise

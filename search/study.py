@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from data.packed import PackedStore
 from search.config import RunConfig
 from search.provenance import versions
-from search.runner import RunStats, run_trials, search_plan
+from search.runner import RunStats, poll_interrupt, run_trials, search_plan
 from search.spec import SpecError, StudySpec
 from search.storage import open_storage, retry_race
 from search.strategies import make_pruner, make_sampler
@@ -43,7 +43,8 @@ def train_trial(trial: optuna.Trial, cfg: RunConfig, store: PackedStore) -> floa
         trial.report(accuracy, step)
         return trial.should_prune()
 
-    result = train(cfg, store, reporter)  # a failure (e.g. NonFiniteLossError) is recorded by the runner
+    # A failure (e.g. NonFiniteLossError) is recorded by the runner; a SIGINT/SIGTERM stops at the next step.
+    result = train(cfg, store, reporter, on_step=poll_interrupt)
     for key in RESULT_ATTRS:
         trial.set_user_attr(key, getattr(result, key))
     if result.pruned:

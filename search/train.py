@@ -82,9 +82,11 @@ def train(
     store: PackedStore,
     reporter: Reporter | None = None,
     device: torch.device | str | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train one model from `cfg` on the labelled part of `store`; report validation accuracy at each
-    evaluation and stop early when the reporter says so. Raises NonFiniteLossError on NaN/inf loss."""
+    evaluation and stop early when the reporter says so. Raises NonFiniteLossError on NaN/inf loss.
+    `on_step` runs before every step (the runner raises a pending SIGINT/SIGTERM there)."""
     t, device = cfg.train, torch.device(device) if device else default_device()
     seed_everything(t.seed)
     train_idx, valid_idx = split(store.labels[: store.n_train], cfg.data.valid_fraction, cfg.data.split_seed)
@@ -103,6 +105,8 @@ def train(
     set_margin_step = getattr(model.criterion, "set_step", None)  # margin losses' warm-up
     model.train()
     for step in range(1, t.max_steps + 1):
+        if on_step is not None:
+            on_step()
         batch = sampler.next_batch().to(device)
         if set_margin_step is not None:
             set_margin_step(step - 1)  # steps done so far: a warmed-up margin starts at 0, like the LR factor

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,11 +115,14 @@ class Workers:
 
     def wait(self) -> list[int]:
         """Exit codes; on SIGINT/SIGTERM here, the same signal goes once to every worker, then we wait."""
-        try:
-            codes = [p.wait() for p in self.procs]
-        except KeyboardInterrupt as interrupt:
-            from search.runner import Terminated
+        from search.runner import Terminated, poll_interrupt
 
+        try:
+            while any(p.poll() is None for p in self.procs):
+                poll_interrupt()  # in case the handler's exception was swallowed somewhere
+                time.sleep(0.2)
+            codes = [p.returncode for p in self.procs]
+        except KeyboardInterrupt as interrupt:
             self.signal(signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
             previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
             try:

@@ -1,0 +1,164 @@
+"""The trial loop in-process: plans, counting, failures in a row, signals while training, the gate."""
+import os
+import signal
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState, create_trial
+
+import run_study
+from search import runner
+from search.runner import DONE, RUN, WAIT, ablation_plan, gate_path, search_plan
+from search.spec import load_spec
+from search.study import create_or_resume
+from search.study import run_study as run_search
+from tests.conftest import write_study
+
+SPACE = """
+[model]
+d_model = 16
+nhead = 2
+ff_mult = 2.0
+dropout = 0.0
+loss = {loss}
+[train]
+max_steps = 20
+valid_steps = 10
+warmup_steps = 5
+segment_len = 32
+batch_size = 16
+lr = 3e-3
+"""
+
+
+def frozen(state: TrialState, **params) -> optuna.trial.FrozenTrial:
+    dists = {k: CategoricalDistribution([v]) for k, v in params.items()}
+    return create_trial(state=state, params=params, distributions=dists,
+                        value=0.5 if state == TrialState.COMPLETE else None)
+
+
+def test_search_plan_counts_finished_and_waits_for_running():
+    plan = search_plan(3)
+    done, pruned, running, failed = (frozen(s) for s in (TrialState.COMPLETE, TrialState.PRUNED,
+                                                          TrialState.RUNNING, TrialState.FAIL))
+    assert plan([done, failed, failed]) == RUN  # failed trials do not count
+    assert plan([done, pruned, running]) == WAIT  # the running one may finish (or die and be retried)
+    assert plan([done, pruned, done]) == DONE
+    assert plan([done, pruned, running, frozen(TrialState.WAITING)]) == RUN  # queued retries always run
+    assert search_plan(None)([done] * 50) == RUN  # no target: until the deadline
+
+
+def test_ablation_plan_runs_the_queue_and_waits_for_cells_in_flight():
+    plan = ablation_plan([("baseline", 0), ("stats", 0)])
+    base = frozen(TrialState.COMPLETE, variant="baseline", seed=0)
+    assert plan([base, frozen(TrialState.WAITING)]) == RUN
+    assert plan([base, frozen(TrialState.RUNNING, variant="stats", seed=0)]) == WAIT
+    assert plan([base, frozen(TrialState.FAIL, variant="stats", seed=0)]) == DONE  # retried by the next run
+    assert plan([base, frozen(TrialState.COMPLETE, variant="stats", seed=0)]) == DONE
+
+
+def test_n_trials_counts_finished_trials_and_failures_in_a_row_stop(tmp_path, tiny_store):
+    path = write_study(tmp_path / "acc.toml", SPACE.format(loss='["ce", "test_nan"]'))
+    spec = load_spec(path)
+    study = create_or_resume(spec, f"sqlite:///{tmp_path / 'acc.db'}", tiny_store.fingerprint)
+    stats = run_search(study, spec, tiny_store, n_trials=3)
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.COMPLETE) == 3 and TrialState.FAIL in states  # 3 finished, failures extra
+    assert stats.ran == len(states) and not stats.all_failed
+    assert all("non-finite" in t.user_attrs["fail_reason"] for t in study.trials if t.state == TrialState.FAIL)
+
+    nan = load_spec(path, ["model.loss=test_nan", "study.name=all_nan", "study.max_failures_in_row=3"])
+    study = create_or_resume(nan, f"sqlite:///{tmp_path / 'acc.db'}", tiny_store.fingerprint)
+    stats = run_search(study, nan, tiny_store, n_trials=10)
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 3
+    assert stats.all_failed and stats.stop_reason.startswith("stopped: the last 3 trials failed (last reason: "
+                                                             "training loss became non-finite")
+
+
+def test_cli_exits_1_when_every_trial_failed(tmp_path, tiny_synthetic, capsys):
+    path = write_study(tmp_path / "fail.toml", SPACE.format(loss='"test_nan"'))
+    code = run_study.main(["search", str(path), "--data", str(tiny_synthetic), "--n-trials", "4",
+                           "--set", "study.max_failures_in_row=2"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "stopped: the last 2 trials failed" in err and "2 trial(s) run now (2 fail)" in out
+
+
+def test_a_signal_during_training_stops_at_the_next_step_not_inside_a_callback(tmp_path, tiny_store):
+    """SIGTERM while a trial trains: recorded, raised by train() at its next step as Terminated, the trial
+    FAIL with reason 'interrupted'; no exception escapes from wherever the signal happened to land."""
+    path = write_study(tmp_path / "sig.toml", SPACE.format(loss='"ce"'))
+    spec = load_spec(path)
+    study = create_or_resume(spec, f"sqlite:///{tmp_path / 'sig.db'}", tiny_store.fingerprint)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    runner.handle_signals()
+    real = runner.deferred_interrupts
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(runner, "deferred_interrupts", lambda: _SignalInside(real))
+            with pytest.raises(runner.Terminated):
+                run_search(study, spec, tiny_store, n_trials=1)
+    finally:
+        runner._pending = None
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    (trial,) = study.trials
+    assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "interrupted"
+    assert "steps_run" not in trial.user_attrs  # stopped inside train(), before it returned
+
+
+class _SignalInside:
+    """deferred_interrupts(), with a SIGTERM delivered as soon as it is entered (only recorded there)."""
+
+    def __init__(self, real):
+        self._cm = real()
+
+    def __enter__(self):
+        self._cm.__enter__()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)
+
+
+def test_gate_is_one_file_per_storage_and_study(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    absolute = optuna.create_study(study_name="g", storage=f"sqlite:///{tmp_path / 'g.db'}")
+    relative = optuna.load_study(study_name="g", storage="sqlite:///g.db")
+    other = optuna.create_study(study_name="h", storage="sqlite:///g.db")
+    assert gate_path(absolute) == gate_path(relative) != gate_path(other)
+
+
+def test_bad_inputs_are_one_line_and_store_nothing(tmp_path, tiny_synthetic, capsys):
+    study = write_study(tmp_path / "bad.toml", SPACE.format(loss='"ce"'))
+    data = ["--data", str(tiny_synthetic)]
+
+    def error(*argv: str) -> str:
+        try:
+            code = run_study.main(list(argv))
+        except SystemExit as stop:  # argparse
+            code = stop.code
+        out, err = capsys.readouterr()
+        assert code == 2 and "Traceback" not in err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        return lines[0]
+
+    assert "sampler.n_startup_trials='abc' must be int" in error(
+        "search", str(study), *data, "--set", "sampler.name=tpe", "--set", "sampler.n_startup_trials=abc")
+    assert "--workers '0' must be a positive integer or 'auto'" in error("search", str(study), *data,
+                                                                         "--workers", "0")
+    assert "argument --n-trials: invalid int value: 'x'" in error("search", str(study), "--n-trials", "x")
+    assert "invalid choice: 'serch'" in error("serch")
+    assert "no study 'bad': storage file" in error("report", str(study))
+    assert "no study 'nope'" in error("dashboard", "nope", "--storage", f"sqlite:///{tmp_path / 'nope.db'}")
+    ablation = write_study(tmp_path / "abl.toml", SPACE.format(loss='"ce"') + """
+[ablation]
+seeds = [0]
+baseline = "best:missing"
+[variants]
+stats = { pooling = "stats" }
+""")
+    assert "no study 'missing'" in error("ablate", str(ablation), *data)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".db") == []  # nothing was created
