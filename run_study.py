@@ -1,6 +1,7 @@
 """run-study: search, ablate and report on speaker-classification models (ML2023Spring HW4 format).
 
-Every bad input ends with a one-line `error: ...` on stderr and exit code 2.
+Exit codes: 0 done; 1 every trial this run started failed; 2 bad input (one line `error: ...` on stderr,
+nothing stored); 130 / 143 stopped by SIGINT / SIGTERM (running trials marked failed, retried next run).
 """
 from __future__ import annotations
 

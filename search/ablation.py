@@ -127,7 +127,8 @@ def open_ablation(ablation: AblationSpec, storage: str, data_fingerprint: str
     study = create_or_resume(spec, storage, data_fingerprint, identity(ablation, rows))
     for key, value in (("kind", "ablation"), ("rows", list(rows)), ("baseline_row", next(iter(rows))),
                        ("seeds", list(ablation.seeds))):
-        study.set_user_attr(key, value)
+        if study.user_attrs.get(key) != value:  # workers opening the study at once write nothing
+            study.set_user_attr(key, value)
     return study, rows
 
 
