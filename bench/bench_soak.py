@@ -38,14 +38,15 @@ n_startup_trials = 10
 [pruner]
 name = "median"
 n_startup_trials = 5
+n_warmup_steps = 200
 [model]
 d_model = [16, 24]
 nhead = 2
 ff_mult = 2.0
 dropout = 0.0
 [train]
-max_steps = 60
-valid_steps = 20
+max_steps = 400
+valid_steps = 50
 warmup_steps = 5
 segment_len = 32
 batch_size = 16
@@ -110,7 +111,8 @@ def main() -> None:
     lost = [t.number for t in killed if t.system_attrs.get("failed_trial", t.number) not in retried_to_finish]
     params = [tuple(sorted(t.params.items())) for t in finished]
     print(f"{args.workers} workers on PostgreSQL, target {args.trials} trials, {elapsed:.0f} s, exit codes {codes}")
-    print(f"kill -9 + restart: {kills}")
+    seconds = [t.duration.total_seconds() for t in trials if t.duration is not None]
+    print(f"kill -9 + restart: {kills}; mean trial {sum(seconds) / max(1, len(seconds)):.1f} s")
     print(f"finished trials: {len(finished)} ({sum(t.state == TrialState.PRUNED for t in finished)} pruned); "
           f"all trials in storage: {len(trials)}")
     print(f"trials killed mid-run (FAIL by heartbeat): {len(killed)}; retried to a finish: "

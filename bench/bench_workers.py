@@ -1,6 +1,7 @@
 """Trials/hour of studies/quickstart.toml run three ways, in one run on this machine.
 
   one process    run-study search ... (--workers 1): one process, torch threads = all usable cores
+  1 thread       one process pinned to one core (taskset-like): what a single core gives, for the bound
   --workers 2    two worker processes, cores // 2 threads each, pinned one per core set
   2 commands     two independent `run-study search` commands side by side, each with all cores' threads
                  (what users did before --workers: the 0.4x case of issue 8)
@@ -23,16 +24,19 @@ import optuna
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXED = ["model.d_model=64", "model.nhead=4", "model.n_layers=1", "model.dropout=0.1", "model.head=linear",
-         "pruner.name=none"]
+         "pruner.n_warmup_steps=1000000"]  # no pruning: every trial the same length
 
 
-def run_way(label: str, commands: list[list[str]], storage: str, data: Path) -> tuple[str, float, float, int]:
+def run_way(label: str, commands: list[list[str]], storage: str, data: Path,
+            one_core: bool = False) -> tuple[str, float, float, int]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    core = sorted(os.sched_getaffinity(0))[:1]
     start = time.time()
     procs = [subprocess.Popen([sys.executable, str(ROOT / "run_study.py"), *cmd, "--storage", storage,
                                "--data", str(data), "--set", "study.name=bench"] +
                               [a for f in FIXED for a in ("--set", f)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=(lambda: os.sched_setaffinity(0, core)) if one_core else None)
              for cmd in commands]
     for p in procs:
         _, err = p.communicate()
@@ -59,10 +63,11 @@ def main() -> None:
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL)
         ways = [
             ("one process (all cores' threads)", [["search", study, "--n-trials", n]]),
+            ("one process, 1 thread on 1 core", [["search", study, "--n-trials", n]]),
             ("--workers 2 (1 thread, 1 core each)", [["search", study, "--n-trials", n, "--workers", "2"]]),
             ("2 commands side by side (unpinned)", [["search", study, "--n-trials", n]] * 2),
         ]
-        rows = [run_way(label, cmds, f"sqlite:///{Path(tmp) / f'w{i}.db'}", data)
+        rows = [run_way(label, cmds, f"sqlite:///{Path(tmp) / f'w{i}.db'}", data, one_core="1 thread" in label)
                 for i, (label, cmds) in enumerate(ways)]
     base = rows[0][1]
     print(f"{len(os.sched_getaffinity(0))} usable cores, {args.trials} trials per way, quickstart d_model=64\n")

@@ -22,6 +22,7 @@ def test_pruner_and_sampler_arguments_are_passed_through(tmp_path):
     assert make_pruner(spec)._n_warmup_steps == 100
     sampler = make_sampler(spec).sampler
     assert isinstance(sampler, optuna.samplers.TPESampler) and sampler._n_startup_trials == 3
+    assert sampler._constant_liar  # Optuna 5's default: parallel workers see running trials as pending
 
 
 def _first_params(spec, storage, n: int = 1) -> list[dict]:
@@ -63,7 +64,7 @@ def test_qmc_keeps_one_sequence_across_processes(tmp_path):
         ("sampler.name=tpe;sampler.n_startup_trials=true", "sampler.n_startup_trials=True must be int"),
         ("sampler.name=tpe;sampler.constant_liar=1", "sampler.constant_liar=1 must be bool"),
         ("sampler.name=tpe;sampler.gamma=0.2", "sampler.gamma (Callable[[int], int] | None) cannot be set from"),
-        ("sampler.name=tpe;sampler.n_startup_trials=3;sampler.prior_weight=2", None),
+        ("sampler.name=tpe;sampler.n_startup_trials=3;sampler.n_ei_candidates=12", None),
         ("pruner.name=median;pruner.n_warmup_steps=1.5", "pruner.n_warmup_steps=1.5 must be int"),
     ],
 )
