@@ -162,3 +162,16 @@ stats = { pooling = "stats" }
 """)
     assert "no study 'missing'" in error("ablate", str(ablation), *data)
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".db") == []  # nothing was created
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("postgresql://u@h/db", "postgresql+psycopg2://u@h/db"),  # SQLAlchemy 2.1 would pick psycopg 3 (absent)
+    ("postgresql+psycopg2://u:pw@h:5432/db", "postgresql+psycopg2://u:pw@h:5432/db"),
+    ("mysql://root@h/db", "mysql+pymysql://root@h/db"),  # not mysqlclient, which needs a C build
+    ("mysql+pymysql://root@h/db", "mysql+pymysql://root@h/db"),
+    ("sqlite:///studies/x.db", "sqlite:///studies/x.db"),
+])
+def test_storage_urls_as_users_write_them_get_an_installed_driver(url, expected):
+    from search.storage import normalize_url
+
+    assert normalize_url(url) == expected

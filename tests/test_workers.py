@@ -73,7 +73,7 @@ def test_independent_commands_with_workers_share_a_new_storage(tmp_path, tiny_sy
     """2 commands x 2 workers start together on a storage with no schema: no creation race is fatal. One
     worker is killed with kill -9 mid-trial: its trial is reaped and retried once with the same parameters.
     Exactly 6 finished trials, none repeated (each process samples from its own stream)."""
-    study = write_study(tmp_path / "par.toml", SPACE.format(steps=60))
+    study = write_study(tmp_path / "par.toml", SPACE.format(steps=300))
     args = ("search", str(study), "--data", str(tiny_synthetic), "--storage", storage_url, "--n-trials", "6",
             "--workers", "2")
     procs = [start(*args, cwd=tmp_path) for _ in range(2)]
