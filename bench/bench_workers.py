@@ -72,14 +72,14 @@ def main() -> None:
         data = make_synthetic(Path(tmp) / "quickstart", speakers=40, utterances_per_speaker=60, seed=0)
         subprocess.run([sys.executable, str(ROOT / "run_study.py"), "pack", str(data)], check=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL)
-        ways = [
-            ("one process (all cores' threads)", [["search", study, "--n-trials", n]]),
-            ("one process, 1 thread on 1 core", [["search", study, "--n-trials", n]]),
-            ("--workers 2 (1 thread, 1 core each)", [["search", study, "--n-trials", n, "--workers", "2"]]),
-            ("2 commands side by side (unpinned)", [["search", study, "--n-trials", n]] * 2),
+        ways = [  # (label, commands, pin the command to one core)
+            ("one process (all cores' threads)", [["search", study, "--n-trials", n]], False),
+            ("one process, 1 thread on 1 core", [["search", study, "--n-trials", n]], True),
+            ("--workers 2 (1 thread, 1 core each)", [["search", study, "--n-trials", n, "--workers", "2"]], False),
+            ("2 commands side by side (unpinned)", [["search", study, "--n-trials", n]] * 2, False),
         ]
-        rounds = [[run_way(label, cmds, f"sqlite:///{Path(tmp) / f'w{r}-{i}.db'}", data,
-                           one_core="1 thread" in label) for i, (label, cmds) in enumerate(ways)]
+        rounds = [[run_way(label, cmds, f"sqlite:///{Path(tmp) / f'w{r}-{i}.db'}", data, one_core=pin)
+                   for i, (label, cmds, pin) in enumerate(ways)]
                   for r in range(args.rounds)]
     rows = [max(results, key=lambda row: row[1]) for results in zip(*rounds, strict=True)]
     for r, results in enumerate(rounds):

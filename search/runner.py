@@ -48,10 +48,11 @@ def exit_code(interrupt: KeyboardInterrupt) -> int:
     return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
 
 
-# Signals. Raising from a handler can land anywhere, e.g. inside a weakref callback or __del__ during
-# training, where Python prints "Exception ignored" and drops the exception: the trial would go on.
-# So while a trial trains the handler only records the signal and train() checks it every step
-# (poll_interrupt); elsewhere (waiting, sleeping, set-up) it raises at once.
+# Signals. Raising from a handler can land anywhere: inside a weakref callback or __del__ during training
+# (Python prints "Exception ignored" and drops it: the trial would go on), or inside Optuna between creating
+# a trial and calling the objective (the trial would stay RUNNING with no heartbeat, never reaped). So from
+# asking for a trial to telling its result the handler only records the signal; the objective and train()
+# raise it at their next check (poll_interrupt, every step); elsewhere (waiting, set-up) it raises at once.
 _pending: int | None = None
 _deferring = False
 
@@ -243,7 +244,8 @@ def run_trials(
                     waiting_said = True
                 time.sleep(poll_s)
                 continue
-            number = _run_one(study, objective, lock)
+            with deferred_interrupts():  # from asking for a trial to telling its result: record, do not raise
+                number = _run_one(study, objective, lock)
         finally:
             if lock.is_locked:
                 lock.release()
@@ -258,10 +260,10 @@ def _run_one(study: optuna.Study, objective: Callable[[optuna.Trial], float], ga
     def wrapped(trial: optuna.Trial) -> float:
         gate.release()
         ran.append(trial.number)
-        trial.set_user_attr("worker", worker_name())
         try:
-            with deferred_interrupts():
-                return objective(trial)
+            poll_interrupt()  # a signal that came while Optuna created the trial: fail it as interrupted
+            trial.set_user_attr("worker", worker_name())
+            return objective(trial)
         except KeyboardInterrupt:
             trial.set_user_attr("fail_reason", INTERRUPTED)
             raise
