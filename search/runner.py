@@ -239,8 +239,9 @@ def run_trials(
             if action == WAIT:
                 lock.release()
                 if not waiting_said:
+                    backend = getattr(study._storage, "_backend", study._storage)  # behind Optuna's cache
                     log("waiting for trials running elsewhere (another worker, or a killed one whose heartbeat "
-                        f"expires after the grace period {getattr(study._storage, 'grace_period', '?')} s)")
+                        f"expires after the grace period, {getattr(backend, 'grace_period', '?')} s)")
                     waiting_said = True
                 time.sleep(poll_s)
                 continue
