@@ -2,10 +2,10 @@
 
 Measured on 2 cores (bench/bench_workers.py, quickstart trials): two processes that each use every core
 run at 0.48x the trials/hour of one process; two workers with one thread and one core each at 1.41x
-(2 x a single core's rate; 2.95x the unpinned pair). So each worker gets usable_cores // N torch threads and, where the OS allows
-(Linux), its own cores via CPU affinity. Workers are started in
-their own session so a terminal's Ctrl-C reaches only this process, which forwards it exactly once
-(a second SIGINT inside Optuna's bookkeeping could leave a trial RUNNING).
+(2 x a single core's rate; 2.95x the unpinned pair). So each worker gets usable_cores // N torch threads
+and, where the OS allows (Linux), its own cores via CPU affinity. Workers are started in their own session
+so a terminal's Ctrl-C reaches only this process, which forwards it exactly once (a second SIGINT inside
+Optuna's bookkeeping could leave a trial RUNNING).
 """
 from __future__ import annotations
 
