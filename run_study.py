@@ -189,8 +189,7 @@ def _run(args, spec, timeout, setup, run, top: int, open_study=None) -> int:
     if args.worker_id is not None:  # a worker started by the command below: run, say nothing more
         apply_placement(args.threads, args.cpus)
         stats = run(study, store, deadline)
-        if stats.stop_reason and stats.stop_reason != "timeout":
-            print(stats.stop_reason)
+        _say_stop(stats, sys.stdout)  # stdout: the parent prefixes it with the worker id
         return EXIT_FAILED if stats.all_failed else 0
 
     with gate(study):
@@ -205,12 +204,17 @@ def _run(args, spec, timeout, setup, run, top: int, open_study=None) -> int:
     else:
         apply_placement(None, None)
         stats = run(study, store, deadline)
-        if stats.stop_reason and stats.stop_reason != "timeout":
-            print(stats.stop_reason, file=sys.stderr)
+        _say_stop(stats, sys.stderr)
     print(f"study {spec.name!r}: {stats.summary()}; storage {url}")
     _print_report(study, Path("results") / spec.name, top=top)
     print(f"dashboard: optuna-dashboard {url}")
     return EXIT_FAILED if stats.all_failed else 0
+
+
+def _say_stop(stats, stream) -> None:
+    """Why the loop stopped early (failures in a row); a reached target or deadline needs no words."""
+    if stats.stop_reason and stats.stop_reason != "timeout":
+        print(stats.stop_reason, file=stream)
 
 
 def cmd_report(args: argparse.Namespace) -> None:

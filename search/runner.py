@@ -29,11 +29,15 @@ from filelock import FileLock
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
+from data import DataError
+from models import ConfigError
+from search.spec import SpecError
 from search.storage import sqlite_path
 
 RUN, WAIT, DONE = "run", "wait", "done"
 INTERRUPTED = "interrupted"  # fail_reason of a trial stopped by SIGINT/SIGTERM: the next run retries it
 DEFAULT_MAX_FAILURES_IN_ROW = 5
+USER_ERRORS = (DataError, SpecError, ConfigError)  # a bad study file or dataset: the one-line error, not a failed trial
 
 
 class Terminated(KeyboardInterrupt):
@@ -109,8 +113,9 @@ def quiet_interrupts() -> None:
             handler.addFilter(_DropInterruptTracebacks())
 
 
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+def worker_name(pid: int | None = None) -> str:
+    """host:pid, stored on each trial as user attr "worker" (this process's by default)."""
+    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
 
 
 # --- what to do next -------------------------------------------------------------------------------------
@@ -277,17 +282,6 @@ def _run_one(study: optuna.Study, objective: Callable[[optuna.Trial], float], ga
 
     study.optimize(wrapped, n_trials=1, catch=(TrialFailed,), gc_after_trial=True)
     return ran[0] if ran else None
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from data import DataError
-    from models import ConfigError
-    from search.spec import SpecError
-
-    return DataError, SpecError, ConfigError
-
-
-USER_ERRORS = _user_errors()  # a bad study file or dataset: stop with the one-line error, not "trial failed"
 
 
 def _failures_in_row(trials: list[FrozenTrial], k: int) -> str:

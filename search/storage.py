@@ -104,7 +104,7 @@ def retry_race(action: Callable[[], T], attempts: int = RACE_ATTEMPTS) -> T:
 
 def load_existing_study(name: str, url: str) -> optuna.Study:
     """A study that must exist already: never creates a storage file or a study (read-only commands)."""
-    path = sqlite_path(url) if url.startswith("sqlite:") else None
+    path = sqlite_path(normalize_url(url))
     if path is not None and not path.is_file():
         raise SpecError(f"no study {name!r}: storage file {path} does not exist (run `run-study search` first, "
                         "or give --storage URL)")

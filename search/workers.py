@@ -104,9 +104,9 @@ class Workers:
 
     @property
     def names(self) -> set[str]:
-        import socket
+        from search.runner import worker_name
 
-        return {f"{socket.gethostname()}:{p.pid}" for p in self.procs}
+        return {worker_name(p.pid) for p in self.procs}
 
     @staticmethod
     def _pump(proc: subprocess.Popen, prefix: str) -> None:
