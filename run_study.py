@@ -19,6 +19,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help with each option's default (none where there is none: no "(default: None)") and the Example
+    epilog as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == [] or "default" in (
+                action.help or ""):  # the help says it already, or there is nothing to say
+            return action.help
+        return super()._get_help_string(action)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
@@ -43,49 +54,106 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="run-study", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    from functools import partial
+    from importlib.metadata import PackageNotFoundError, version
 
-    p = sub.add_parser("make-data", help="write a synthetic dataset in the HW4 format")
+    def example(*lines: str) -> str:  # every --help ends with a command line to copy
+        return "Example:\n" + "\n".join(f"  {line}" for line in lines)
+
+    try:
+        release = version("hw4-search")
+    except PackageNotFoundError:  # a checkout run without `pip install -e .`
+        release = "unknown (not installed)"
+    parser = _Parser(prog="run-study", description=__doc__.splitlines()[0], formatter_class=_Help,
+                     epilog=example("run-study search studies/quickstart.toml --n-trials 20 --workers auto",
+                                    "run-study status studies/quickstart.toml"))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {release}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=partial(_Parser, formatter_class=_Help))
+
+    p = sub.add_parser("make-data", help="write a synthetic dataset in the HW4 format",
+                       epilog=example("run-study make-data datasets/toy --speakers 10 --utterances-per-speaker 20"))
     p.add_argument("out", type=Path, help="folder to create")
-    p.add_argument("--speakers", type=int, default=40)
-    p.add_argument("--utterances-per-speaker", type=int, default=60)
-    p.add_argument("--n-mels", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speakers", type=int, default=40, help="number of speakers")
+    p.add_argument("--utterances-per-speaker", type=int, default=60, help="utterances of each speaker")
+    p.add_argument("--n-mels", type=int, default=40, help="mel bins per frame")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same dataset)")
     p.set_defaults(func=cmd_make_data)
 
-    p = sub.add_parser("pack", help="validate a HW4 folder and build its packed memory-mapped store")
+    p = sub.add_parser("pack", help="validate a HW4 folder and build its packed memory-mapped store",
+                       epilog=example("run-study pack path/to/Dataset"))
     p.add_argument("data", type=Path, help="HW4 folder (metadata.json, mapping.json, uttr-*.pt)")
     p.add_argument("--cache-dir", type=Path, help="where to put the pack (default: DATA/.hw4pack)")
     p.set_defaults(func=cmd_pack)
 
-    p = sub.add_parser("search", help="create or resume a study and run trials")
+    p = sub.add_parser("search", help="create or resume a study and run trials",
+                       epilog=example("run-study search studies/quickstart.toml --n-trials 20 --workers auto"))
     _add_run_options(p, "study file, e.g. studies/quickstart.toml", "model.d_model=[64,128]")
     p.add_argument("--n-trials", type=int, help="finished (complete or pruned) trials the study should hold; failed "
                                                 "ones do not count (overrides study.n_trials)")
     p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("ablate", help="run or resume an ablation: fixed variants x seeds, then its table")
+    p = sub.add_parser("ablate", help="run or resume an ablation: fixed variants x seeds, then its table",
+                       epilog=example("run-study ablate studies/boss_ablation.toml --workers 2"))
     _add_run_options(p, "ablation study file, e.g. studies/boss_ablation.toml", "ablation.seeds=[0,1,2]")
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("report", help="print a study's top trials (or ablation table), or several studies side by "
-                                      "side, and write Markdown, CSV, LaTeX, offline HTML with figures")
+                                      "side, and write Markdown, CSV, LaTeX, offline HTML with figures",
+                       epilog=example("run-study report studies/quickstart.toml --top 5 --format md,html"))
     p.add_argument("studies", nargs="+", metavar="STUDY", help="study file or study name; several: side by side")
-    p.add_argument("--storage", help="storage URL (default: from the study file)")
+    _add_storage_option(p)
     p.add_argument("--out", type=Path, help="output folder (default: results/STUDY, results/A-vs-B for several)")
     p.add_argument("--top", type=int, default=10, help="how many trials to list")
     p.add_argument("--format", default="md,csv,html",
                    help="comma-separated: md, csv, tex (LaTeX, booktabs), html (offline, with figures)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("dashboard", help="open the study storage in optuna-dashboard")
+    p = sub.add_parser("dashboard", help="open the study storage in optuna-dashboard",
+                       epilog=example("run-study dashboard studies/quickstart.toml --port 8080"))
     p.add_argument("study", help="study file or study name")
-    p.add_argument("--storage", help="storage URL (default: from the study file)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    _add_storage_option(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on")
     p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("status", help="where a study stands: trials per state, running trials (worker, last step, "
+                                      "heartbeat), the best trial, mean trial time and ETA",
+                       epilog=example("run-study status studies/quickstart.toml"))
+    p.add_argument("study", help="study file or study name")
+    _add_storage_option(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("train", help="final fit: train one trial's config again (e.g. longer) through the same "
+                                     "training function, and save it as one checkpoint file",
+                       epilog=example("run-study train studies/quickstart.toml --trial best --set train.max_steps=5000 "
+                                      "--set data.valid_fraction=0.05"))
+    p.add_argument("study", help="study file or study name")
+    _add_storage_option(p)
+    p.add_argument("--trial", default="best", help="'best' or a trial number")
+    p.add_argument("--data", type=Path, help="HW4 folder (default: the study file's data.path)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="change the trial's config, e.g. train.max_steps=5000 or data.valid_fraction=0.05")
+    p.add_argument("--out", type=Path, help="checkpoint file (default: results/STUDY/trial-N-final.pt)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="predict the test set (testdata.json) and write a Kaggle HW4 submission "
+                                       "(Id,Category); with --labels, print the accuracy",
+                       epilog=example("run-study predict studies/quickstart.toml --top-k 3 --data datasets/quickstart "
+                                      "--out submission.csv"))
+    p.add_argument("source", metavar="CHECKPOINT|STUDY", help="a checkpoint file (.pt), a study file or study name")
+    _add_storage_option(p)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--trial", help="a study's trial: 'best' (the default) or a trial number")
+    which.add_argument("--top-k", type=int, metavar="K", help="average the softmax of the K best trials' checkpoints")
+    p.add_argument("--data", type=Path, help="HW4 folder with testdata.json (default: the study file's data.path)")
+    p.add_argument("--out", type=Path, default=Path("submission.csv"), help="submission CSV to write")
+    p.add_argument("--labels", type=Path, help="a CSV in the submission format with the true speakers: print accuracy")
+    p.add_argument("--batch-size", type=int, default=64, help="test utterances per batch (whole utterances)")
+    p.add_argument("--other-data", action="store_true",
+                   help="allow a dataset other than the training one (same speakers and n_mels)")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 
@@ -93,17 +161,31 @@ def _add_run_options(p: argparse.ArgumentParser, study_help: str, example: str) 
     """The options shared by the commands that train: search and ablate."""
     p.add_argument("study", type=Path, help=study_help)
     p.add_argument("--data", type=Path, help="HW4 folder (overrides data.path)")
-    p.add_argument("--storage", help="storage URL (default: sqlite file beside the study file)")
+    _add_storage_option(p)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a study-file value, e.g. train.max_steps=200 or {example}")
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument("-q", "--quiet", action="store_true", help="no progress; only failures and the summary")
+    loud.add_argument("-v", "--verbose", action="store_true",
+                      help="Optuna's own log lines too, and the whole report at the end")
     p.add_argument("--workers", default="1", metavar="N",
-                   help="local worker processes on this study (default 1; 'auto' = one per usable core); each "
+                   help="local worker processes on this study ('auto' = one per usable core); each "
                         "gets cores // N torch threads and its own cores. More machines: run the same command "
                         "there with the same --storage")
     for hidden in ("--worker-id", "--threads"):  # set by the parent for its workers
         p.add_argument(hidden, type=int, help=argparse.SUPPRESS)
     p.add_argument("--cpus", help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+
+
+def _add_storage_option(p: argparse.ArgumentParser) -> None:
+    """--storage of every command that opens a study; OPTUNA_STORAGE is its default, as in Optuna's own CLI."""
+    import os
+
+    p.add_argument("--storage", metavar="URL", default=os.environ.get("OPTUNA_STORAGE") or None,
+                   help="sqlite:///FILE.db, postgresql://USER@HOST/DB or mysql+pymysql://USER@HOST/DB; if not "
+                        "given: $OPTUNA_STORAGE, then the study file's [study] storage, then NAME.db beside the "
+                        "study file (studies/NAME.db for a study name)")
 
 
 def cmd_make_data(args: argparse.Namespace) -> None:
@@ -142,7 +224,9 @@ def cmd_search(args: argparse.Namespace) -> int:
             print(f"{queued} interrupted trial(s) queued again with the same parameters")
 
     return _run(args, spec, args.timeout or spec.timeout, setup,
-                lambda study, store, deadline: run_study(study, spec, store, n_trials, deadline), top=5)
+                lambda study, store, deadline, artifacts: run_study(study, spec, store, n_trials, deadline,
+                                                                     artifact_store=artifacts), top=5,
+                target=lambda: n_trials)
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
@@ -161,14 +245,18 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         print(f"{queued} cell(s) queued of {len(rows) * len(ablation.seeds)}")
 
     return _run(args, ablation.study, None, setup,
-                lambda study, store, deadline: run_ablation(study, ablation, rows, store, deadline), top=0,
+                lambda study, store, deadline, artifacts: run_ablation(study, ablation, rows, store, deadline,
+                                                                         artifact_store=artifacts), top=0,
+                target=lambda: len(rows) * len(ablation.seeds),
                 open_study=open_study)
 
 
-def _run(args, spec, timeout, setup, run, top: int, open_study=None) -> int:
+def _run(args, spec, timeout, setup, run, top: int, target, open_study=None) -> int:
     """What search and ablate share: data, storage, study; then this process or N workers run trials."""
     import time
 
+    from search import progress
+    from search.checkpoints import default_location, open_checkpoints
     from search.runner import RunStats, gate, handle_signals
     from search.spec import SpecError
     from search.storage import default_storage_url
@@ -177,6 +265,9 @@ def _run(args, spec, timeout, setup, run, top: int, open_study=None) -> int:
     from search.workers import Workers, apply_placement, parse_workers
 
     handle_signals()  # only where trials run: SIGINT/SIGTERM must mark them failed, not leave them RUNNING
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.INFO if args.verbose else optuna.logging.WARNING)  # we say it
     try:
         n_workers = parse_workers(args.workers)
     except ValueError as err:
@@ -185,15 +276,24 @@ def _run(args, spec, timeout, setup, run, top: int, open_study=None) -> int:
     store = _open_data(spec, args.data, quiet=args.worker_id is not None)
     url = args.storage or spec.storage or default_storage_url(spec)
     study = (open_study or (lambda u, fp: create_or_resume(spec, u, fp)))(url, store.fingerprint)
+    artifact_store = open_checkpoints(study, spec, url)
     deadline = args.deadline or (time.time() + timeout if timeout else None)
+    failure_log = Path(default_location(url, spec.path)).with_suffix(".log")
     if args.worker_id is not None:  # a worker started by the command below: run, say nothing more
         apply_placement(args.threads, args.cpus)
-        stats = run(study, store, deadline)
-        _say_stop(stats, sys.stdout)  # stdout: the parent prefixes it with the worker id
+        progress.activate(progress.Progress(progress.QUIET if args.quiet else progress.LINES,
+                                            failure_log=failure_log, stream=sys.stdout))  # the parent prefixes it
+        stats = run(study, store, deadline, artifact_store)
+        _say_stop(stats, sys.stdout)
         return EXIT_FAILED if stats.all_failed else 0
 
     with gate(study):
         setup(study)
+    if n_workers == 1:
+        finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.state.name != "FAIL"]
+        complete = [t.value for t in finished if t.value is not None and t.state.name == "COMPLETE"]
+        progress.activate(progress.Progress(progress.choose_mode(args.quiet), target(), len(finished),
+                                            max(complete, default=None), failure_log))
     if n_workers > 1:
         workers = Workers(args.argv, n_workers, deadline)
         print(f"{n_workers} workers on study {spec.name!r} ({workers.describe()})")
@@ -203,12 +303,43 @@ def _run(args, spec, timeout, setup, run, top: int, open_study=None) -> int:
             return EXIT_USAGE
     else:
         apply_placement(None, None)
-        stats = run(study, store, deadline)
+        try:
+            stats = run(study, store, deadline, artifact_store)
+        finally:
+            progress.active().close()
         _say_stop(stats, sys.stderr)
-    print(f"study {spec.name!r}: {stats.summary()}; storage {url}")
-    _print_report(study, Path("results") / spec.name, top=top)
-    print(f"dashboard: optuna-dashboard {url}")
+    _say_done(args, spec, study, stats, url, top)
     return EXIT_FAILED if stats.all_failed else 0
+
+
+def _say_done(args, spec, study, stats, url: str, top: int) -> None:
+    """The end of a run: counts, the best trial, where the report and checkpoint are, what to run next.
+    (An ablation prints its table: that is its result.) -v prints the whole report."""
+    from reports import DEFAULT_FORMATS, write_report
+    from search.checkpoints import best_checkpoint_id
+
+    text, paths = write_report(study, Path("results") / spec.name, top or 10, DEFAULT_FORMATS)
+    trials = study.get_trials(deepcopy=False)
+    counts = ", ".join(f"{sum(t.state.name == s for t in trials)} {s.lower()}" for s in ("COMPLETE", "PRUNED", "FAIL"))
+    print(f"study {spec.name!r}: {stats.summary()}; the study holds {counts}; storage {url}")
+    if top == 0 or args.verbose:
+        print(text)
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    if complete and top:
+        best = study.best_trial
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
+        print(f"best: trial {best.number}, valid_acc {best.value:.4f} ({params})")
+        if best_checkpoint_id(study, best):
+            print(f"checkpoint: trial-{best.number}-best.pt in {study.user_attrs.get('artifacts')}")
+    print("report: " + ", ".join(map(str, paths)))
+    study_arg = spec.path
+    data = f" --data {args.data}" if args.data else ""
+    if complete and top:
+        print(f"next: run-study train {study_arg}{data} --trial best --set train.max_steps=N   (final fit)\n"
+              f"      run-study predict {study_arg}{data} --top-k 3 --out submission.csv\n"
+              f"      run-study dashboard {study_arg}")
+    else:
+        print(f"next: run-study dashboard {study_arg}")
 
 
 def _say_stop(stats, stream) -> None:
@@ -237,9 +368,73 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_dashboard(args: argparse.Namespace) -> None:
     from optuna_dashboard import run_server
 
+    from search.checkpoints import STUDY_ATTR, study_artifact_store
+
     study = _load_study(args.study, args.storage)
     print(f"optuna-dashboard on http://{args.host}:{args.port} (study {study.study_name!r}); Ctrl-C to stop")
-    run_server(study._storage, host=args.host, port=args.port)
+    artifact_store = study_artifact_store(study) if STUDY_ATTR in study.user_attrs else None  # checkpoints
+    run_server(study._storage, host=args.host, port=args.port, artifact_store=artifact_store)
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    import time
+
+    from search.status import study_status
+
+    print(study_status(_load_study(args.study, args.storage), time.time()))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from search.final import final_config, fit, pick_trial
+    from search.runner import handle_signals
+
+    handle_signals()
+    study, spec = _load_study_and_spec(args.study, args.storage)
+    trial = pick_trial(study, args.trial)
+    cfg = final_config(trial, args.overrides)
+    store = _data_for(study, spec, args.data)
+    out = args.out or Path("results") / study.study_name / f"trial-{trial.number}-final.pt"
+    print(f"final fit of trial {trial.number} of study {study.study_name!r} (valid_acc "
+          f"{_fmt(trial.value)} in the study): {cfg.train.max_steps} steps")
+    result = fit(cfg, store, out, {"study": study.study_name, "trial": trial.number, "overrides": args.overrides})
+    print(f"best valid_acc {result.best_valid_acc:.4f} at step {result.best_step}; saved {out}")
+    print(f"next: run-study predict {out} --data {store_root(args, spec)} --out submission.csv")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from search import predict
+    from search.spec import SpecError
+
+    _check_positive("--batch-size", args.batch_size)
+    _check_positive("--top-k", args.top_k)
+    source = Path(args.source)
+    if source.suffix == ".pt" or (source.is_file() and source.suffix != ".toml"):
+        if args.trial or args.top_k:
+            raise SpecError("--trial and --top-k choose trials of a study; a checkpoint file is one model")
+        checkpoints, spec = [predict.from_file(source)], None
+    else:
+        study, spec = _load_study_and_spec(args.source, args.storage)
+        checkpoints = predict.from_study(study, args.trial, args.top_k)
+    data = args.data or (spec.data_path if spec else None)
+    if data is None:
+        raise SpecError("--data DIR is needed: the HW4 folder with testdata.json")
+    store = _open_data_folder(data)
+    if store.n_test == 0:
+        raise SpecError(f"{data}/testdata.json: missing or empty; predict needs the test utterances")
+    for checkpoint in checkpoints:
+        predict.check_compatible(checkpoint, store, data, args.other_data)
+    probs = predict.predict_proba(checkpoints, store, batch_size=args.batch_size)
+    predicted = probs.argmax(axis=1)
+    predict.write_submission(args.out, store, predicted)
+    names = ", ".join(c.name for c in checkpoints)
+    print(f"wrote {args.out}: {len(predicted)} test utterances, {store.n_classes} speakers ({names})")
+    if args.labels:
+        accuracy, n = predict.score(args.labels, store, predicted)
+        print(f"accuracy {accuracy:.4f} on {n} labelled test utterances ({args.labels})")
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _print_report(study, out: Path, top: int, formats: tuple[str, ...] | None = None) -> None:
@@ -254,8 +449,13 @@ def _print_written(text: str, paths: list[Path]) -> None:
 
 
 def _load_study(study: str, storage: str | None):
+    return _load_study_and_spec(study, storage)[0]
+
+
+def _load_study_and_spec(study: str, storage: str | None):
     """A study named by its study file (storage from the file) or by name (with --storage, studies/NAME.toml
-    or the default storage studies/NAME.db, e.g. a study renamed with --set study.name=NAME)."""
+    or the default storage studies/NAME.db, e.g. a study renamed with --set study.name=NAME); and its spec,
+    when named by a study file (else None)."""
     from search.spec import SpecError, load_spec
     from search.storage import default_storage_url, load_existing_study
 
@@ -264,17 +464,43 @@ def _load_study(study: str, storage: str | None):
         path = Path("studies") / f"{study}.toml"
     if path.suffix == ".toml" or path.exists():
         spec = load_spec(path)
-        return load_existing_study(spec.name, storage or spec.storage or default_storage_url(spec))
+        return load_existing_study(spec.name, storage or spec.storage or default_storage_url(spec)), spec
     if storage is None and (Path("studies") / f"{study}.db").exists():  # the default storage of a study NAME
         storage = f"sqlite:///{Path('studies') / study}.db"
     if storage is None:
         raise SpecError(f"no study file {study!r}, no studies/{study}.db and no --storage; "
                         "give a studies/NAME.toml or --storage URL")
-    return load_existing_study(study, storage)
+    return load_existing_study(study, storage), None
+
+
+def _data_for(study, spec, override: Path | None):
+    """The dataset a study was run on: --data or the study file's; refused if it is other data."""
+    from data import DataError
+    from search.spec import SpecError
+
+    if spec is None and override is None:
+        raise SpecError(f"study {study.study_name!r} named without its study file: give --data DIR")
+    store = _open_data(spec, override) if spec is not None else _open_data_folder(override)
+    expected = study.user_attrs.get("data_fingerprint")
+    if expected and store.fingerprint != expected:
+        raise DataError(f"{override or spec.data_path}: not the dataset study {study.study_name!r} was run on "
+                        f"(fingerprint {store.fingerprint}, the study's {expected})")
+    return store
+
+
+def store_root(args, spec) -> Path:
+    return args.data or spec.data_path
+
+
+def _open_data_folder(path: Path):
+    from data import DataError, open_store
+
+    if not path.is_dir():
+        raise DataError(f"{path}: dataset folder not found (a HW4 folder holds metadata.json and mapping.json)")
+    return open_store(path)
 
 
 def _open_data(spec, override: Path | None, quiet: bool = False):
-    from data import DataError, open_store
     from data.synthetic import make_synthetic
     from search.spec import SpecError
 
@@ -288,9 +514,7 @@ def _open_data(spec, override: Path | None, quiet: bool = False):
             make_synthetic(path, **spec.synthetic)
         except TypeError as err:
             raise SpecError(f"{spec.path}: data.synthetic: {err}") from None
-    if not path.is_dir():
-        raise DataError(f"{path}: dataset folder not found (a HW4 folder holds metadata.json and mapping.json)")
-    return open_store(path)
+    return _open_data_folder(path)
 
 
 def _check_positive(flag: str, value: float | None) -> None:

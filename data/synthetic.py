@@ -23,6 +23,7 @@ from data.errors import DataError
 GENERATOR_VERSION = 1
 MARKER_FILE = "synthetic.json"
 TEST_LABELS_FILE = "test_labels.json"  # synthetic-only extra: the answers for testdata.json
+TEST_LABELS_CSV = "test_labels.csv"  # the same in the Kaggle submission format, for `predict --labels`
 TEST_FRACTION_DIVISOR = 15  # default n_test = labelled utterances // 15 (HW4: 56,666 vs 4,000)
 
 # --- Difficulty constants -------------------------------------------------------------------
@@ -163,6 +164,7 @@ def _write_dataset(folder: Path, args: dict) -> None:
     })
     _write_json(folder / "testdata.json", {"n_mels": n_mels, "utterances": [e for e, _ in test]})
     _write_json(folder / TEST_LABELS_FILE, {e["feature_path"]: s for e, s in test})
+    (folder / TEST_LABELS_CSV).write_text("Id,Category\n" + "".join(f"{e['feature_path']},{s}\n" for e, s in test))
 
 
 def _speaker_ids(rng: np.random.Generator, n: int) -> list[str]:

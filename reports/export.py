@@ -15,6 +15,11 @@ FORMATS = ("md", "csv", "tex", "html")
 DEFAULT_FORMATS = ("md", "csv", "html")
 # optuna-dashboard draws these itself, live; a stored copy would go stale and bloat the storage.
 DASHBOARD_NATIVE = {"history", "parallel-coordinates", "importances", "learning-curves"}
+# The note is the user's too: the report owns only the lines between these markers. They are Markdown link
+# definitions, which render to nothing; HTML comments would show as text (optuna-dashboard escapes raw HTML
+# unless started with --allow-unsafe). Each needs a blank line around it (a definition cannot end a paragraph).
+NOTE_BEGIN = "[//]: # (hw4-search report: begin; text outside these markers is kept)"
+NOTE_END = "[//]: # (hw4-search report: end)"
 
 
 def study_report(study: optuna.Study, k: int = 10, plots: bool = False) -> Report:
@@ -25,7 +30,8 @@ def study_report(study: optuna.Study, k: int = 10, plots: bool = False) -> Repor
 def write_report(study: optuna.Study, out: Path, k: int = 10, formats: tuple[str, ...] = DEFAULT_FORMATS
                  ) -> tuple[str, list[Path]]:
     """Write <out>/<study>.<fmt> for each format, put the report into the study's optuna-dashboard page
-    (the Markdown as its note, the figures the dashboard does not draw itself), return the Markdown and paths."""
+    (the Markdown as its note's report section, the figures the dashboard does not draw itself), return the
+    Markdown and paths."""
     report = study_report(study, k, plots="html" in formats)
     text, paths = write_files(report, out / study.study_name, formats)
     save_to_dashboard(study, report, text)
@@ -33,10 +39,38 @@ def write_report(study: optuna.Study, out: Path, k: int = 10, formats: tuple[str
 
 
 def save_to_dashboard(study: optuna.Study, report: Report, markdown: str) -> None:
-    optuna_dashboard.save_note(study, markdown)
+    optuna_dashboard.save_note(study, with_report(optuna_dashboard.get_note(study), markdown))
     for fig_id, fig in report.figures:
         if fig_id not in DASHBOARD_NATIVE:
             optuna_dashboard.save_plotly_graph_object(study, fig, graph_object_id=fig_id)  # same id: replaced
+
+
+def with_report(note: str, markdown: str) -> str:
+    """The note with its report section replaced by `markdown`, or the section appended after the user's text."""
+    section = f"{NOTE_BEGIN}\n\n{markdown.strip()}\n\n{NOTE_END}\n"
+    span = _section_span(note)
+    if span is None:  # also a broken pair (a marker deleted by hand): appending loses no user text
+        return f"{note.rstrip()}\n\n{section}" if note.strip() else section
+    after = note[span[1]:].lstrip("\n")
+    return note[:span[0]] + section + ("\n" + after if after else "")
+
+
+def report_section(note: str) -> str | None:
+    """The report inside a note, as the report wrote it (None when the note has no complete section)."""
+    span = _section_span(note)
+    return None if span is None else note[span[0] + len(NOTE_BEGIN):span[1] - len(NOTE_END)].strip() + "\n"
+
+
+def _section_span(note: str) -> tuple[int, int] | None:
+    """Where the report section starts and ends (after its end marker): the last begin marker that an end marker
+    follows, so a lone marker left by a hand edit (and the user's text after it) is never part of it."""
+    begin = note.rfind(NOTE_BEGIN)
+    while begin >= 0:
+        end = note.find(NOTE_END, begin)
+        if end >= 0:
+            return begin, end + len(NOTE_END)
+        begin = note.rfind(NOTE_BEGIN, 0, begin)
+    return None
 
 
 def write_files(report: Report, stem: Path, formats: tuple[str, ...]) -> tuple[str, list[Path]]:

@@ -147,7 +147,7 @@ def enqueue_missing_cells(study: optuna.Study, ablation: AblationSpec, rows: dic
 
 
 def run_ablation(study: optuna.Study, ablation: AblationSpec, rows: dict[str, RunConfig], store: PackedStore,
-                 deadline: float | None = None, log: Callable[[str], None] = print) -> RunStats:
+                 deadline: float | None = None, log: Callable[[str], None] = print, artifact_store=None) -> RunStats:
     """Train queued cells until every cell is complete or nothing is left to run (see enqueue_missing_cells)."""
 
     def objective(trial: optuna.Trial) -> float:
@@ -157,7 +157,8 @@ def run_ablation(study: optuna.Study, ablation: AblationSpec, rows: dict[str, Ru
         row = trial.suggest_categorical("variant", list(rows))
         seed = trial.suggest_categorical("seed", list(ablation.seeds))
         cfg = rows[row]
-        return train_trial(trial, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed)), store)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+        return train_trial(trial, cfg, store, artifact_store, log)
 
     spec = ablation.study
     cells = [(row, seed) for row in rows for seed in ablation.seeds]

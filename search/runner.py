@@ -31,6 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from data import DataError
 from models import ConfigError
+from search import progress
 from search.spec import SpecError
 from search.storage import sqlite_path
 
@@ -95,15 +96,16 @@ def deferred_interrupts() -> Iterator[None]:
 
 
 class _DropInterruptTracebacks(logging.Filter):
-    """Optuna logs an interrupted trial as a failure with its traceback; our one-line message says it.
-    Its second line for any failed trial ("Trial N failed with value None.") only repeats the first."""
+    """Optuna logs an interrupted trial as a failure with its traceback; our one-line message says it. Any other
+    failed trial is one line from search.progress (its traceback in the failure log), so Optuna's two lines go."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         info = record.exc_info
         if info and info[0] and issubclass(info[0], KeyboardInterrupt):
             return False
-        return not (record.getMessage().startswith("Trial ") and record.getMessage().endswith(
-            " failed with value None."))
+        message = record.getMessage()  # a failed trial: one line from search.progress, traceback in its log
+        return not (message.startswith("Trial ") and (" failed with parameters: " in message
+                                                       or message.endswith(" failed with value None.")))
 
 
 def quiet_interrupts() -> None:
@@ -221,6 +223,7 @@ def run_trials(
     """Run trials of `study` as `plan` says until it is done, the deadline (time.time()) passes, or
     `max_failures_in_row` trials in a row failed. Returns what this process ran."""
     stats = RunStats()
+    failures: dict[int, str] = {}  # trial number -> traceback, for the failure log
     lock = gate(study)
     quiet_interrupts()
     waiting_said = False
@@ -251,15 +254,19 @@ def run_trials(
                 time.sleep(poll_s)
                 continue
             with deferred_interrupts():  # from asking for a trial to telling its result: record, do not raise
-                number = _run_one(study, objective, lock)
+                number = _run_one(study, objective, lock, failures)
         finally:
             if lock.is_locked:
                 lock.release()
         if number is not None:
-            stats.states[study.get_trials(deepcopy=False)[number].state.name] += 1
+            trial = study.get_trials(deepcopy=False)[number]
+            stats.states[trial.state.name] += 1
+            progress.active().end_trial(number, trial.state.name, trial.value,
+                                        trial.user_attrs.get("fail_reason", ""), failures.pop(number, ""))
 
 
-def _run_one(study: optuna.Study, objective: Callable[[optuna.Trial], float], gate: FileLock) -> int | None:
+def _run_one(study: optuna.Study, objective: Callable[[optuna.Trial], float], gate: FileLock,
+             failures: dict[int, str]) -> int | None:
     """One trial through Optuna; the gate is released as soon as the trial exists (first line of the objective)."""
     ran: list[int] = []
 
@@ -278,6 +285,7 @@ def _run_one(study: optuna.Study, objective: Callable[[optuna.Trial], float], ga
         except Exception as err:
             reason = str(err) or type(err).__name__
             trial.set_user_attr("fail_reason", reason)
+            failures[trial.number] = progress.format_exception(err)
             raise TrialFailed(reason) from err
 
     study.optimize(wrapped, n_trials=1, catch=(TrialFailed,), gc_after_trial=True)

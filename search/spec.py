@@ -19,7 +19,7 @@ from models.config import known_keys
 from search.config import DataConfig, RunConfig, TrainConfig
 
 SECTIONS = ("study", "data", "sampler", "pruner", "model", "train", "ablation", "variants")
-STUDY_KEYS = ("name", "seed", "n_trials", "timeout", "storage", "heartbeat_interval", "grace_period",
+STUDY_KEYS = ("name", "seed", "n_trials", "timeout", "storage", "artifacts", "heartbeat_interval", "grace_period",
               "max_failures_in_row")
 DATA_KEYS = ("path", "synthetic", *(f.name for f in fields(DataConfig)))
 RANGE_KEYS = {"low", "high", "log", "step"}
@@ -72,6 +72,7 @@ class StudySpec:
     n_trials: int | None = None
     timeout: float | None = None
     storage: str | None = None
+    artifacts: str | None = None  # checkpoints: a folder, s3:// or gs:// (default: beside the SQLite file)
     heartbeat_interval: int = 30
     grace_period: int = 120
     max_failures_in_row: int = 5  # the study stops when this many trials in a row failed
@@ -93,7 +94,7 @@ class StudySpec:
             for name, p in branches.get(choice_key(model[parent]), {}).items():
                 model[name] = p.suggest(trial)
         train = {name: p.suggest(trial) for name, p in self.train.items()}
-        train.setdefault("seed", self.seed + trial.number)
+        train.setdefault("seed", self.seed + first_attempt(trial))
         return _build_run_config(model, train, self.data)
 
     def default_run_config(self) -> RunConfig:
@@ -113,6 +114,15 @@ class StudySpec:
             "train": {k: _param_dict(p) for k, p in sorted(self.train.items())},
             "data": {f.name: getattr(self.data, f.name) for f in fields(DataConfig)},
         }
+
+
+def first_attempt(trial: optuna.Trial) -> int:
+    """The number of the trial a retry repeats (Optuna's "failed_trial"; the same for our retries), so that
+    a retry trains with the same seed and can continue the dead trial's checkpoint; else its own number."""
+    storage = getattr(trial, "storage", None)  # FixedTrial has none
+    if storage is None:
+        return trial.number
+    return storage.get_trial_system_attrs(trial._trial_id).get("failed_trial", trial.number)
 
 
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StudySpec:
@@ -181,6 +191,7 @@ def _parse(path: Path, raw: dict[str, Any]) -> StudySpec:
         n_trials=_positive(study, "n_trials", int),
         timeout=_positive(study, "timeout", (int, float)),
         storage=_typed(study, "study.storage", "storage", str, None),
+        artifacts=_typed(study, "study.artifacts", "artifacts", str, None),
         heartbeat_interval=_positive(study, "heartbeat_interval", int) or 30,
         grace_period=_positive(study, "grace_period", int) or 120,
         max_failures_in_row=_positive(study, "max_failures_in_row", int) or 5,

@@ -10,43 +10,71 @@ import optuna
 from optuna.trial import TrialState
 
 from data.packed import PackedStore
+from search import progress
+from search.checkpoints import TrialCheckpoints, model_checkpoint
 from search.config import RunConfig
 from search.provenance import versions
 from search.runner import RunStats, poll_interrupt, run_trials, search_plan
 from search.spec import SpecError, StudySpec
 from search.storage import open_storage, retry_race
 from search.strategies import make_pruner, make_sampler
-from search.train import train
+from search.train import resumable, train
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 RESULT_ATTRS = ("n_params", "flops_per_segment", "steps_run", "steps_per_s", "samples_per_s", "best_valid_acc",
                 "best_step", "device")
 
 
-def make_objective(spec: StudySpec, store: PackedStore) -> Callable[[optuna.Trial], float]:
+def make_objective(spec: StudySpec, store: PackedStore, artifact_store=None,
+                   log: Callable[[str], None] = print) -> Callable[[optuna.Trial], float]:
     """The objective Optuna calls: sample a RunConfig, train it with pruning, record provenance."""
 
     def objective(trial: optuna.Trial) -> float:
-        return train_trial(trial, spec.run_config(trial), store)
+        return train_trial(trial, spec.run_config(trial), store, artifact_store, log)
 
     return objective
 
 
-def train_trial(trial: optuna.Trial, cfg: RunConfig, store: PackedStore) -> float:
-    """Train `cfg` as this trial: record provenance and results on it, report and prune through it."""
+def train_trial(trial: optuna.Trial, cfg: RunConfig, store: PackedStore, artifact_store=None,
+                log: Callable[[str], None] = print) -> float:
+    """Train `cfg` as this trial: record provenance and results on it, report and prune through it; with an
+    artifact store, keep its latest state while it runs (a retry continues from it) and its best model."""
     trial.set_user_attr("run_config", cfg.to_dict())
     trial.set_user_attr("seed", cfg.train.seed)
     trial.set_user_attr("data_fingerprint", store.fingerprint)
     trial.set_user_attr("versions", versions())
+    checkpoints = TrialCheckpoints(trial, artifact_store, log) if artifact_store is not None else None
+    resume = checkpoints.resume_state(lambda s: resumable(s, cfg, store.fingerprint)) if checkpoints else None
+    if resume is not None:  # the retried trial's curve, so the pruner and the dashboard see the whole run
+        trial.set_user_attr("resumed_from_step", resume["step"])
+        for point in resume["history"]:
+            trial.report(point["valid_acc"], point["step"])
 
     def reporter(step: int, accuracy: float) -> bool:
         trial.report(accuracy, step)
         return trial.should_prune()
 
-    # A failure (e.g. NonFiniteLossError) is recorded by the runner; a SIGINT/SIGTERM stops at the next step.
-    result = train(cfg, store, reporter, on_step=poll_interrupt)
+    # A failure (e.g. NonFiniteLossError) is recorded by the runner; a SIGINT/SIGTERM stops at the next step
+    # and keeps the latest state for the retry.
+    shown = progress.active()
+    shown.start_trial(trial.number, cfg.train.max_steps, trial.params, resume["step"] if resume else 0)
+
+    def on_step() -> None:
+        poll_interrupt()
+        shown.step()
+
+    try:
+        result = train(cfg, store, reporter, on_step=on_step, resume=resume,
+                       save_state=checkpoints.save_latest if checkpoints else None, on_eval=shown.evaluated)
+    except Exception:
+        if checkpoints:
+            checkpoints.drop_latest()  # its own failure: a retry would fail the same way
+        raise
     for key in RESULT_ATTRS:
         trial.set_user_attr(key, getattr(result, key))
+    if checkpoints:
+        checkpoints.save_best(model_checkpoint(result, cfg, store))
+        checkpoints.drop_latest()
     if result.pruned:
         raise optuna.TrialPruned(f"pruned at step {result.steps_run}")
     return result.best_valid_acc
@@ -114,10 +142,10 @@ def _show(value: Any) -> str:
 
 
 def run_study(study: optuna.Study, spec: StudySpec, store: PackedStore, n_trials: int | None,
-              deadline: float | None = None, log: Callable[[str], None] = print) -> RunStats:
+              deadline: float | None = None, log: Callable[[str], None] = print, artifact_store=None) -> RunStats:
     """Run until the study holds n_trials finished (complete or pruned) trials, or the deadline passes.
 
     Counting finished trials in the storage makes a resumed run add only what is missing, and lets
     several workers share one target; failed trials do not count."""
-    return run_trials(study, make_objective(spec, store), search_plan(n_trials), deadline,
+    return run_trials(study, make_objective(spec, store, artifact_store, log), search_plan(n_trials), deadline,
                       spec.max_failures_in_row, poll_s=min(5.0, spec.heartbeat_interval), log=log)

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from search.config import RunConfig
 
 # (step, validation accuracy) -> True when the caller wants the run stopped (e.g. an Optuna prune).
 Reporter = Callable[[int, float], bool]
+# Called after each evaluation with the whole training state (see training_state), to keep it as a checkpoint.
+StateSaver = Callable[[dict[str, Any]], None]
+STATE_FORMAT = 1
 
 NAN_CHECK_EVERY = 25  # steps between loss checks; each check is a host sync on CUDA
 
@@ -83,10 +87,15 @@ def train(
     reporter: Reporter | None = None,
     device: torch.device | str | None = None,
     on_step: Callable[[], None] | None = None,
+    resume: dict[str, Any] | None = None,
+    save_state: StateSaver | None = None,
+    on_eval: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train one model from `cfg` on the labelled part of `store`; report validation accuracy at each
     evaluation and stop early when the reporter says so. Raises NonFiniteLossError on NaN/inf loss.
-    `on_step` runs before every step (the runner raises a pending SIGINT/SIGTERM there)."""
+    `on_step` runs before every step (the runner raises a pending SIGINT/SIGTERM there). `save_state` gets
+    the training state after each evaluation; `resume` (such a state, from this cfg and data) continues it:
+    on CPU the result is bit-identical to a run that was never interrupted. `on_eval` gets each history point."""
     t, device = cfg.train, torch.device(device) if device else default_device()
     seed_everything(t.seed)
     train_idx, valid_idx = split(store.labels[: store.n_train], cfg.data.valid_fraction, cfg.data.split_seed)
@@ -103,8 +112,12 @@ def train(
     result = TrainResult(0.0, 0, 0, False, count_parameters(model), flops, 0.0, 0.0, str(device))
     loss_sum, loss_steps, train_seconds, tick = torch.zeros((), device=device), 0, 0.0, time.perf_counter()
     set_margin_step = getattr(model.criterion, "set_step", None)  # margin losses' warm-up
+    first_step = 1
+    if resume is not None:
+        first_step = _restore(resume, cfg, store, model, optimizer, schedule, scaler, sampler, result) + 1
+        train_seconds = resume["train_seconds"]
     model.train()
-    for step in range(1, t.max_steps + 1):
+    for step in range(first_step, t.max_steps + 1):
         if on_step is not None:
             on_step()
         batch = sampler.next_batch().to(device)
@@ -137,9 +150,13 @@ def train(
         )
         loss_sum.zero_()
         loss_steps = 0
+        if on_eval is not None:
+            on_eval(result.history[-1])
         if accuracy > result.best_valid_acc or not result.best_state:
             result.best_valid_acc, result.best_step = accuracy, step
             result.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if save_state is not None:
+            save_state(training_state(cfg, store, model, optimizer, schedule, scaler, sampler, result, train_seconds))
         if reporter is not None and reporter(step, accuracy):
             result.pruned = True
             break
@@ -147,6 +164,55 @@ def train(
     result.steps_per_s = result.steps_run / max(train_seconds, 1e-9)
     result.samples_per_s = result.steps_per_s * t.batch_size
     return result
+
+
+def training_state(cfg: RunConfig, store: PackedStore, model: SpeakerClassifier, optimizer, schedule, scaler,
+                   sampler: CropSampler, result: TrainResult, train_seconds: float) -> dict[str, Any]:
+    """Everything a run needs to go on exactly where it is: weights, optimizer, schedule, every random
+    state, the history and the best model so far. Plain tensors, numbers and strings only, so that it
+    loads with torch.load(weights_only=True)."""
+    numpy_state = np.random.get_state(legacy=False)
+    return {
+        "format": STATE_FORMAT, "config": cfg.to_dict(), "fingerprint": store.fingerprint,
+        "step": result.steps_run, "train_seconds": train_seconds,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+        "scaler": scaler.state_dict(), "sampler_rng": sampler.rng.bit_generator.state,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "numpy_rng": {**numpy_state, "state": {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                                                "pos": numpy_state["state"]["pos"]}},
+        "history": list(result.history), "best_valid_acc": result.best_valid_acc, "best_step": result.best_step,
+        "best_state": result.best_state,
+    }
+
+
+def resumable(state: dict[str, Any], cfg: RunConfig, fingerprint: str) -> bool:
+    """Whether a saved training state continues this very run (same config, same data)."""
+    return (state.get("format") == STATE_FORMAT and state.get("config") == cfg.to_dict()
+            and state.get("fingerprint") == fingerprint)
+
+
+def _restore(state: dict[str, Any], cfg: RunConfig, store: PackedStore, model, optimizer, schedule, scaler,
+             sampler: CropSampler, result: TrainResult) -> int:
+    """Load a training_state into the run's objects; returns the step it was saved at."""
+    if not resumable(state, cfg, store.fingerprint):
+        raise ValueError("the saved training state is from another config or other data")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    scaler.load_state_dict(state["scaler"])
+    sampler.rng.bit_generator.state = state["sampler_rng"]
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    numpy_state = state["numpy_rng"]
+    np.random.set_state({**numpy_state, "state": {"key": numpy_state["state"]["key"].numpy().astype(np.uint32),
+                                                  "pos": numpy_state["state"]["pos"]}})
+    result.history = list(state["history"])
+    result.best_valid_acc, result.best_step = state["best_valid_acc"], state["best_step"]
+    result.best_state = state["best_state"]
+    result.steps_run = state["step"]
+    return state["step"]
 
 
 def _autocast(device: torch.device, enabled: bool):

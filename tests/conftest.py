@@ -140,3 +140,9 @@ def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]
         return
     with fresh_database(request.param) as url:
         yield url
+
+
+@pytest.fixture(autouse=True)
+def _no_user_storage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's OPTUNA_STORAGE (the default of every --storage) must never receive test studies."""
+    monkeypatch.delenv("OPTUNA_STORAGE", raising=False)

@@ -1,5 +1,8 @@
 """The CLI as a user runs it: subprocesses, exit codes, one-line errors, interrupted and resumed studies."""
+import argparse
+import importlib.metadata
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -7,8 +10,10 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
+import run_study
 from tests.conftest import write_study
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +34,7 @@ lr = { low = 1e-3, high = 5e-3, log = true }
 
 def cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("OPTUNA_STORAGE", None)  # the default --storage: a developer's own must not receive test studies
     run = subprocess.run([sys.executable, str(ROOT / "run_study.py"), *args], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=300)
     if check:
@@ -50,7 +56,9 @@ def test_make_data_search_and_report_end_to_end(tmp_path):
     assert (tmp_path / "ds" / "metadata.json").exists()
     study = write_study(tmp_path / "e2e.toml", FAST)
     run = cli("search", str(study), "--data", "ds", "--n-trials", "2", cwd=tmp_path)
-    assert "Top 5 complete trials" in run.stdout and "optuna-dashboard sqlite:///e2e.db" in run.stdout
+    # a short summary, not the whole report: the best trial, where things are, what to run next
+    assert "## Top" not in run.stdout and "best: trial " in run.stdout and "report: results/e2e/e2e.md" in run.stdout
+    assert f"run-study predict {study} --data ds --top-k 3" in run.stdout and "run-study dashboard" in run.stdout
     loaded = optuna.load_study(study_name="e2e", storage=f"sqlite:///{tmp_path / 'e2e.db'}")
     assert [t.state for t in loaded.trials] == [TrialState.COMPLETE] * 2
     report = cli("report", str(study), "--out", "out", cwd=tmp_path)
@@ -163,3 +171,28 @@ stats = { pooling = "stats" }
     assert "# Ablation `abl`" in report.stdout
     assert_one_line_error(cli("search", str(study), "--data", "ds", cwd=tmp_path, check=False),
                           "ablation study file", "run-study ablate")
+
+
+def test_version(tmp_path):
+    run = cli("--version", cwd=tmp_path)
+    assert run.stdout == f"run-study {importlib.metadata.version('hw4-search')}\n"
+
+
+def test_every_help_shows_its_defaults_and_a_working_example(monkeypatch, capsys):
+    monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
+    parser = run_study._parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"make-data", "pack", "search", "ablate", "report", "dashboard", "status"} <= set(commands)
+    for name, sub in [(None, parser), *commands.items()]:
+        with pytest.raises(SystemExit) as done:
+            run_study.main([name, "--help"] if name else ["--help"])
+        assert done.value.code == 0
+        text = capsys.readouterr().out
+        examples = [line.strip() for line in text.split("Example:\n")[-1].splitlines() if line.startswith("  ")]
+        assert examples and all(line.startswith(f"run-study {name or ''}") for line in examples), (name, text)
+        for line in examples:  # each example is a valid command line of this CLI
+            assert parser.parse_args(shlex.split(line)[1:]).command == (name or shlex.split(line)[1])
+        defaulted = [a for a in sub._actions if a.option_strings and a.help != argparse.SUPPRESS
+                     and a.default not in (None, argparse.SUPPRESS, [], False)]
+        assert "(default:" in text or not defaulted, (name, text)
+        assert "(default: None)" not in text and "(default: [])" not in text

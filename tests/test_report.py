@@ -13,6 +13,7 @@ from optuna.trial import TrialState, create_trial
 
 from reports import FORMATS, study_report, summary_counts, top_trials, trials_frame, write_report
 from reports.document import to_markdown
+from reports.export import report_section
 
 
 def _study() -> optuna.Study:
@@ -41,7 +42,7 @@ def test_frame_counts_and_top_trials():
 def test_written_markdown_and_csv_and_dashboard_note(tmp_path):
     study = _study()
     text, paths = write_report(study, tmp_path, k=5)
-    assert optuna_dashboard.get_note(study) == text
+    assert report_section(optuna_dashboard.get_note(study)) == text
     assert "Trials: 3 complete, 1 pruned, 1 fail" in text
     header = next(line for line in text.splitlines() if line.startswith("|"))
     assert [c.strip() for c in header.strip("|").split("|")][:3] == ["trial", "valid_acc", "duration_s"]
@@ -243,7 +244,7 @@ def test_report_reads_and_writes_a_shared_server_storage(url, tmp_path):
         study.add_trials(source.trials)
         text, _ = write_report(study, tmp_path, formats=("md",))
         again = optuna.load_study(study_name=name, storage=url)  # a fresh connection, as another machine
-        assert optuna_dashboard.get_note(again) == text
+        assert report_section(optuna_dashboard.get_note(again)) == text
         saved = get_plotly_graph_objects(again._storage.get_study_system_attrs(again._study_id))
         local = dict(study_report(source).figures)
         assert json.loads(saved["ablation-bars"]) == json.loads(local["ablation-bars"].to_json())

@@ -67,3 +67,44 @@ def test_warmup_then_cosine_to_zero():
     assert factor(60) == pytest.approx(0.5)
     assert factor(110) == pytest.approx(0.0, abs=1e-12)
     assert all(0 <= factor(s) <= 1 for s in range(200)) and not math.isnan(factor(10_000))
+
+
+def test_a_run_resumed_from_a_saved_state_is_bit_identical_to_an_uninterrupted_one(tiny_store, tmp_path):
+    """Dropout on (torch RNG), crops (the sampler's RNG), AdamW moments, the LR schedule and a margin loss's
+    warm-up all go on from the saved state: same history, same final weights, bit for bit, on CPU."""
+    import io
+
+    cfg = tiny_config(max_steps=60, valid_steps=20)
+    cfg = RunConfig(model=ModelConfig(d_model=32, nhead=2, ff_mult=2.0, dropout=0.2, loss="am_softmax",
+                                            classifier="cosine", margin_warmup_steps=30),
+                    train=cfg.train, data=cfg.data)
+    saved: list[bytes] = []
+
+    def keep(state):  # as a checkpoint would: serialised at once, loaded the safe way
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        saved.append(buffer.getvalue())
+
+    whole = train(cfg, tiny_store, save_state=keep)
+    assert len(saved) == 3
+    state = torch.load(io.BytesIO(saved[0]), weights_only=True)
+    assert state["step"] == 20
+    resumed = train(cfg, tiny_store, resume=state)
+    assert resumed.history == whole.history
+    assert resumed.steps_run == whole.steps_run == 60
+    assert (resumed.best_step, resumed.best_valid_acc) == (whole.best_step, whole.best_valid_acc)
+    for key, tensor in whole.best_state.items():
+        assert torch.equal(resumed.best_state[key], tensor), key
+    final_whole = torch.load(io.BytesIO(saved[-1]), weights_only=True)["model"]
+    first_state = saved[0]  # loaded afresh: the optimizer takes over the loaded tensors and changes them
+    saved.clear()
+    train(cfg, tiny_store, resume=torch.load(io.BytesIO(first_state), weights_only=True), save_state=keep)
+    final_resumed = torch.load(io.BytesIO(saved[-1]), weights_only=True)["model"]
+    assert all(torch.equal(final_resumed[k], v) for k, v in final_whole.items())
+
+
+def test_a_saved_state_from_another_config_is_refused(tiny_store):
+    states = []
+    train(tiny_config(max_steps=20, valid_steps=20), tiny_store, save_state=states.append)
+    with pytest.raises(ValueError, match="another config"):
+        train(tiny_config(max_steps=40, valid_steps=20), tiny_store, resume=states[0])

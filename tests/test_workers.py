@@ -77,9 +77,11 @@ def test_independent_commands_with_workers_share_a_new_storage(tmp_path, tiny_sy
     args = ("search", str(study), "--data", str(tiny_synthetic), "--storage", storage_url, "--n-trials", "6",
             "--workers", "2")
     procs = [start(*args, cwd=tmp_path) for _ in range(2)]
-    running = wait_for(lambda ts: any(t.state == TrialState.RUNNING and "worker" in t.user_attrs for t in ts),
-                       "par", storage_url)
-    victim = next(t for t in running if t.state == TrialState.RUNNING and "worker" in t.user_attrs)
+    def training(t) -> bool:  # mid-trial: its parameters are drawn (run_config is stored right after)
+        return t.state == TrialState.RUNNING and "worker" in t.user_attrs and "run_config" in t.user_attrs
+
+    running = wait_for(lambda ts: any(training(t) for t in ts), "par", storage_url)
+    victim = next(t for t in running if training(t))
     os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs, strict=True):

@@ -1,0 +1,141 @@
+"""`run-study predict`: whole test utterances through one checkpoint or the average of several, written in the
+Kaggle HW4 format (Id,Category: feature_path, speaker name), scored against a labels CSV when given."""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from data import DataError
+from data.batches import fixed_valid_batches
+from data.packed import PackedStore
+from models import build_model
+from search.checkpoints import CHECKPOINT_FORMAT, best_checkpoint_id, load, load_file, study_artifact_store
+from search.config import RunConfig
+from search.final import pick_trial
+from search.spec import SpecError
+from search.train import _autocast, default_device
+
+
+@dataclass
+class Checkpoint:
+    name: str  # where it came from, for messages: a file, or study/trial
+    values: dict[str, Any]
+
+
+def from_file(path: Path) -> Checkpoint:
+    try:
+        values = load_file(path)
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such checkpoint file") from None
+    except Exception as err:  # not a torch file, truncated, or holding pickled code (weights_only refuses it)
+        raise SpecError(f"{path}: not a checkpoint written by run-study ({type(err).__name__})") from None
+    if not isinstance(values, dict) or values.get("format") != CHECKPOINT_FORMAT or "model" not in values:
+        raise SpecError(f"{path}: not a model checkpoint of run-study (a trial's best or `run-study train` output)")
+    return Checkpoint(str(path), values)
+
+
+def from_study(study: optuna.Study, trial: str | None, top_k: int | None) -> list[Checkpoint]:
+    """The best checkpoints of --trial (best by default) or of the top-k complete trials."""
+    storage_trials = study.get_trials(deepcopy=False)
+    if top_k is not None:
+        ranked = sorted((t for t in storage_trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)
+        chosen = [t for t in ranked if best_checkpoint_id(study, t)][:top_k]
+        if len(chosen) < top_k:
+            raise SpecError(f"--top-k {top_k}: study {study.study_name!r} has only {len(chosen)} complete trial(s) "
+                            "with a checkpoint")
+    else:
+        chosen = [pick_trial(study, trial or "best")]
+    store = study_artifact_store(study)
+    checkpoints = []
+    for t in chosen:
+        artifact_id = best_checkpoint_id(study, t)
+        if artifact_id is None:
+            raise SpecError(f"trial {t.number} of study {study.study_name!r} has no checkpoint ({t.state.name})")
+        try:
+            checkpoints.append(Checkpoint(f"{study.study_name}/trial {t.number}", load(store, artifact_id)))
+        except FileNotFoundError:
+            raise SpecError(f"trial {t.number}'s checkpoint is missing from the artifact store "
+                            f"({study.user_attrs.get('artifacts')})") from None
+    return checkpoints
+
+
+def check_compatible(checkpoint: Checkpoint, store: PackedStore, data: Path, other_data: bool) -> None:
+    """Same n_mels, same speakers in the same order; the same dataset unless other_data."""
+    values = checkpoint.values
+    if values["n_mels"] != store.n_mels:
+        raise DataError(f"{data}: n_mels is {store.n_mels} but {checkpoint.name} was trained on {values['n_mels']}")
+    if list(values["id2speaker"]) != list(store.id2speaker):
+        raise DataError(f"{data}/mapping.json: its {store.n_classes} speakers differ from the "
+                        f"{len(values['id2speaker'])} that {checkpoint.name} was trained on; use that dataset")
+    if values["fingerprint"] != store.fingerprint and not other_data:
+        raise DataError(f"{data}: not the dataset {checkpoint.name} was trained on (fingerprint {store.fingerprint}, "
+                        f"trained on {values['fingerprint']}); same speakers, so --other-data predicts anyway")
+
+
+@torch.no_grad()
+def predict_proba(checkpoints: list[Checkpoint], store: PackedStore, device: torch.device | None = None,
+                  batch_size: int = 64) -> np.ndarray:
+    """(n_test, n_classes): the mean softmax of the checkpoints over whole test utterances, in testdata.json's
+    order. Batches hold utterances of similar length (sorted), padded and masked."""
+    device = device or default_device()
+    test = store.test_indices
+    batches = fixed_valid_batches(store, test, 1, batch_size, 0, "full")
+    row_of = {int(i): row for row, i in enumerate(test)}
+    probs = np.zeros((len(test), store.n_classes), dtype=np.float64)
+    for checkpoint in checkpoints:
+        cfg = RunConfig.from_dict(checkpoint.values["config"])
+        model = build_model(cfg.model, store.n_mels, store.n_classes)
+        model.load_state_dict(checkpoint.values["model"])
+        model.to(device).eval()
+        for batch in batches:
+            batch = batch.to(device)
+            with _autocast(device, enabled=cfg.train.amp):
+                logits = model(batch.x, batch.lengths)
+            rows = [row_of[int(i)] for i in batch.index.cpu()]
+            probs[rows] += torch.softmax(logits.float(), dim=-1).cpu().numpy()
+    return probs / len(checkpoints)
+
+
+def write_submission(path: Path, store: PackedStore, predictions: np.ndarray) -> None:
+    """Id,Category rows: feature_path, speaker name, in testdata.json's order (Kaggle HW4)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Id", "Category"])
+        for i, label in zip(store.test_indices, predictions, strict=True):
+            writer.writerow([store.feature_paths[i], store.id2speaker[label]])
+    tmp.replace(path)
+
+
+def score(labels: Path, store: PackedStore, predictions: np.ndarray) -> tuple[float, int]:
+    """Accuracy against a CSV in the submission format (Category: speaker name, or its index in mapping.json)."""
+    try:
+        with labels.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise DataError(f"{labels}: no such labels file") from None
+    if not rows or not {"Id", "Category"} <= set(rows[0]):
+        raise DataError(f"{labels}: needs a header Id,Category (the submission format)")
+    truth = {row["Id"]: row["Category"] for row in rows}
+    speaker2id = {s: i for i, s in enumerate(store.id2speaker)}
+    paths = [store.feature_paths[i] for i in store.test_indices]
+    missing = [p for p in paths if p not in truth]
+    if missing:
+        raise DataError(f"{labels}: no label for {len(missing)} test utterance(s), e.g. {missing[0]!r}")
+    correct = 0
+    for path, predicted in zip(paths, predictions, strict=True):
+        category = truth[path]
+        expected = speaker2id.get(category, int(category) if category.isdigit() else None)
+        if expected is None:
+            raise DataError(f"{labels}: Category {category!r} for {path!r} is neither a speaker of mapping.json "
+                            "nor a speaker index")
+        correct += int(expected == predicted)
+    return correct / len(paths), len(paths)

@@ -1,0 +1,243 @@
+"""A real browser (headless Debian chromium, driven by Playwright) on what a real `run-study search` wrote:
+the study's optuna-dashboard page (note, saved figures, a trial's checkpoint artifact) and the offline
+HTML report opened with every network request blocked.
+
+Nothing is mocked: the CLI, optuna-dashboard's server and chromium are real processes. Screenshots are kept in
+$HW4_TEST_ARTIFACTS, else test-artifacts/ at the repository root. Playwright and chromium are required (CI
+installs both, see .ci/run): missing, the test fails; it is never skipped.
+"""
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import optuna
+import optuna_dashboard
+import pytest
+
+from search.checkpoints import artifacts, open_artifact_store
+from tests.conftest import write_study
+
+try:
+    from playwright.sync_api import Page, sync_playwright
+except ImportError:  # reported by the `browser` fixture as a failure, not a skip
+    Page = sync_playwright = None
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"  # Debian's; Playwright cannot download its own browser here
+STUDY = "browser_e2e"
+CHECKPOINT = "trial-0-best.pt"
+# Two categorical d_model values: the report then has a figure optuna-dashboard does not draw itself
+# ("by-d_model"), which is saved into the study and shown on its page.
+BODY = """
+[model]
+d_model = [16, 24]
+nhead = 2
+ff_mult = 2.0
+[train]
+max_steps = 20
+valid_steps = 10
+warmup_steps = 5
+segment_len = 32
+batch_size = 16
+lr = { low = 1e-3, high = 5e-3, log = true }
+"""
+
+
+def _artifacts_dir() -> Path:
+    folder = Path(os.environ.get("HW4_TEST_ARTIFACTS") or ROOT / "test-artifacts")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _screenshot(page: "Page", name: str, full_page: bool = True) -> Path:
+    path = _artifacts_dir() / f"browser-{name}.png"
+    page.screenshot(path=str(path), full_page=full_page)
+    print(f"screenshot: {path}")
+    return path
+
+
+@contextmanager
+def _screenshot_on_failure(page: "Page", name: str) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        _screenshot(page, f"{name}-FAILED", full_page=False)
+        raise
+
+
+def _console_errors(page: "Page") -> list[str]:
+    """A list that fills with the page's console errors and uncaught exceptions."""
+    errors: list[str] = []
+    page.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
+    page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory: pytest.TempPathFactory, tiny_synthetic: Path) -> Path:
+    """A 2-trial study run by the real CLI in a fresh folder: STUDY.db, the dashboard note and figures,
+    and results/STUDY/STUDY.html."""
+    cwd = tmp_path_factory.mktemp("browser")
+    study_file = write_study(cwd / f"{STUDY}.toml", BODY)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "run_study.py"), "search", str(study_file), "--data", str(tiny_synthetic),
+         "--n-trials", "2"],
+        cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=180,
+    )
+    assert run.returncode == 0, run.stderr
+    assert (cwd / f"{STUDY}.db").exists() and (cwd / "results" / STUDY / f"{STUDY}.html").exists()
+    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{cwd / f'{STUDY}.db'}")
+    assert CHECKPOINT in artifacts(study.trials[0], study._storage)  # uploaded by training
+    return cwd
+
+
+@pytest.fixture(scope="module")
+def browser():  # first in each test's arguments: a missing browser fails before the 20 s search
+    if sync_playwright is None:
+        pytest.fail("playwright is not installed: pip install -e '.[test]' (CI installs it)", pytrace=False)
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"no chromium at {CHROMIUM}: apt-get install chromium (.ci/run does)", pytrace=False)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def dashboard(searched: Path) -> Iterator[str]:
+    """`run-study dashboard` (optuna-dashboard's own server, with the study's artifact store); its base URL."""
+    port = _free_port()
+    log = (searched / "dashboard.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "run_study.py"), "dashboard", f"{STUDY}.toml", "--port", str(port)],
+        cwd=searched, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if _get(f"{base}/api/studies")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"optuna-dashboard did not answer on {base}:\n{(searched / 'dashboard.log').read_text()}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    # optuna-dashboard 0.21 answers 500 for bundle.js without Accept-Encoding; browsers always send it.
+    request = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return response.status, response.read()
+
+
+# ------------------------------------------------------------------------------------------------------- tests
+
+def test_dashboard_shows_note_figures_and_checkpoint(browser, searched: Path, dashboard: str) -> None:
+    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{searched / f'{STUDY}.db'}")
+    heading = next(line for line in optuna_dashboard.get_note(study).splitlines() if line.startswith("#"))
+    heading = heading.lstrip("#").strip().replace("`", "")  # as rendered: "# Study `x`" -> "Study x"
+    detail = json.loads(_get(f"{dashboard}/api/studies/{study._study_id}")[1])
+    figures = [figure["id"] for figure in detail["plotly_graph_objects"]]
+    assert figures, "the report saved no figure into the study"
+    checkpoint_store = open_artifact_store(str(searched / f"{STUDY}.artifacts"))
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(15_000)
+    errors = _console_errors(page)
+    try:
+        with _screenshot_on_failure(page, "dashboard"):
+            # The study list, then the study's page by its link, as a user gets there.
+            page.goto(f"{dashboard}/dashboard")
+            page.get_by_role("link", name=re.compile(re.escape(STUDY))).first.click()
+            page.wait_for_url(f"**/dashboard/studies/{study._study_id}")
+            assert STUDY in page.locator("header").inner_text()  # the app bar: "NAME (id=N)"
+            # Saved plotly figures are drawn on the study's main (History) page, in divs with
+            # id "user-defined-plot:<graph_object_id>", after the dashboard's own plots.
+            for fig_id in figures:
+                plot = page.locator(f'[id="user-defined-plot:{fig_id}"]')
+                plot.locator("svg.main-svg").first.wait_for()
+                assert "js-plotly-plot" in (plot.get_attribute("class") or "").split()
+            _screenshot(page, "dashboard-study")
+
+            # The note (the report's Markdown) has a page of its own: "Note" in the side bar.
+            page.get_by_role("link", name="Note").click()
+            page.wait_for_url("**/note")
+            page.get_by_role("heading", name=heading, exact=True).wait_for()
+            _screenshot(page, "dashboard-note")
+
+            # Trial 0's page lists its checkpoint under "Artifacts", with a download link that serves the file.
+            page.goto(f"{dashboard}/dashboard/studies/{study._study_id}/trials?numbers=0")
+            page.get_by_role("heading", name=re.compile(r"^Trial 0 ")).wait_for()
+            page.get_by_text(CHECKPOINT, exact=True).wait_for()
+            link = page.locator(f'a[download="{CHECKPOINT}"]')
+            href = link.get_attribute("href")
+            assert href and href.startswith("/artifacts/"), href
+            with checkpoint_store.open_reader(href.rsplit("/", 1)[1]) as stored:
+                assert page.request.get(dashboard + href).body() == stored.read()
+            _screenshot(page, "dashboard-trial-0", full_page=False)  # full page: as wide as the run_config line
+        assert errors == [], errors
+    finally:
+        page.close()
+
+
+def test_offline_report_draws_every_figure_without_network(browser, searched: Path) -> None:
+    html = searched / "results" / STUDY / f"{STUDY}.html"
+    n_figures = html.read_text().count('class="plotly-graph-div"')
+    assert n_figures > 0
+
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    blocked: list[str] = []
+
+    def offline(route) -> None:
+        if route.request.url.startswith("file://"):
+            route.continue_()
+        else:
+            blocked.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", offline)
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    errors = _console_errors(page)
+    try:
+        with _screenshot_on_failure(page, "report"):
+            page.goto(html.as_uri())
+            drawn = ("n => [...document.querySelectorAll('.plotly-graph-div')]"
+                     ".filter(d => d.classList.contains('js-plotly-plot') && d.querySelector('svg.main-svg'))"
+                     ".length === n")
+            page.wait_for_function(drawn, arg=n_figures)
+            _screenshot(page, "report-offline")
+        assert errors == [], errors
+        assert blocked == [], f"the offline report asked the network for {blocked}"
+    finally:
+        context.close()

@@ -1,0 +1,148 @@
+"""From a study to a Kaggle submission: `train` (final fit) and `predict` (one checkpoint, a trial, the top k)."""
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+
+import run_study
+from data import open_store
+from search import predict
+from search.checkpoints import best_checkpoint_id, load, study_artifact_store
+from tests.conftest import write_study
+from tests.test_cli import FAST, cli
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, tiny_synthetic) -> Path:
+    """A 3-trial search by the real CLI: studies/fit.toml, its SQLite file and checkpoints."""
+    cwd = tmp_path_factory.mktemp("predict")
+    (cwd / "studies").mkdir()
+    write_study(cwd / "studies" / "fit.toml", FAST.replace("max_steps = 40", "max_steps = 60"))
+    cli("search", "studies/fit.toml", "--data", str(tiny_synthetic), "--n-trials", "3", cwd=cwd)
+    return cwd
+
+
+def _rows(path: Path) -> list[list[str]]:
+    with path.open(newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_predict_writes_the_kaggle_format_in_testdata_order_and_scores_it(searched, tiny_synthetic, capsys):
+    out = searched / "submission.csv"
+    code = run_study.main(["predict", str(searched / "studies/fit.toml"), "--data", str(tiny_synthetic),
+                           "--out", str(out), "--labels", str(tiny_synthetic / "test_labels.csv")])
+    assert code == 0
+    rows = _rows(out)
+    assert rows[0] == ["Id", "Category"]
+    test = json.loads((tiny_synthetic / "testdata.json").read_text())["utterances"]
+    assert [r[0] for r in rows[1:]] == [u["feature_path"] for u in test]
+    speakers = set(json.loads((tiny_synthetic / "mapping.json").read_text())["speaker2id"])
+    assert {r[1] for r in rows[1:]} <= speakers
+    truth = dict(_rows(tiny_synthetic / "test_labels.csv")[1:])
+    accuracy = np.mean([truth[i] == c for i, c in rows[1:]])
+    printed = capsys.readouterr().out
+    assert f"accuracy {accuracy:.4f} on {len(test)} labelled test utterances" in printed
+    assert accuracy > 2 / len(speakers)  # a trained model, well above chance
+    # --labels with speaker indices (the fsdd style) scores the same
+    ids = json.loads((tiny_synthetic / "mapping.json").read_text())["speaker2id"]
+    by_index = searched / "labels_by_index.csv"
+    by_index.write_text("Id,Category\n" + "".join(f"{i},{ids[s]}\n" for i, s in truth.items()))
+    store = open_store(tiny_synthetic)
+    predicted = [store.id2speaker.index(c) for _, c in rows[1:]]
+    assert predict.score(by_index, store, np.array(predicted)) == (accuracy, len(test))
+
+
+def test_top_k_averages_the_softmax_of_the_k_best_trials(searched, tiny_synthetic):
+    study = optuna.load_study(study_name="fit", storage=f"sqlite:///{searched / 'studies/fit.db'}")
+    store = open_store(tiny_synthetic)
+    ranked = sorted(study.trials, key=lambda t: -t.value)
+    checkpoints = predict.from_study(study, None, 2)
+    assert [c.name for c in checkpoints] == [f"fit/trial {t.number}" for t in ranked[:2]]
+    each = [predict.predict_proba([c], store) for c in checkpoints]
+    both = predict.predict_proba(checkpoints, store)
+    np.testing.assert_allclose(both, (each[0] + each[1]) / 2, rtol=1e-6)
+    np.testing.assert_allclose(both.sum(axis=1), 1.0, rtol=1e-6)
+    # whole utterances of different lengths: padding is masked, so the batch size changes nothing
+    np.testing.assert_allclose(predict.predict_proba(checkpoints[:1], store, batch_size=1), each[0], atol=1e-5)
+    out = searched / "top2.csv"
+    assert run_study.main(["predict", str(searched / "studies/fit.toml"), "--top-k", "2", "--data",
+                           str(tiny_synthetic), "--out", str(out)]) == 0
+    assert [r[1] for r in _rows(out)[1:]] == [store.id2speaker[i] for i in both.argmax(axis=1)]
+
+
+def test_train_refits_the_best_trial_with_overrides_into_one_checkpoint(searched, tiny_synthetic, capsys):
+    study = optuna.load_study(study_name="fit", storage=f"sqlite:///{searched / 'studies/fit.db'}")
+    best = study.best_trial
+    out = searched / "final.pt"
+    assert run_study.main(["train", str(searched / "studies/fit.toml"), "--data", str(tiny_synthetic), "--set",
+                           "train.max_steps=80", "--set", "data.valid_fraction=0.1", "--out", str(out)]) == 0
+    checkpoint = torch.load(out, weights_only=True)
+    assert checkpoint["source"]["trial"] == best.number
+    assert checkpoint["config"]["train"]["max_steps"] == 80 and checkpoint["config"]["data"]["valid_fraction"] == 0.1
+    expected = {**best.user_attrs["run_config"]["model"]}
+    assert checkpoint["config"]["model"] == expected  # the trial's model, unchanged
+    assert checkpoint["steps_run"] == 80
+    said = capsys.readouterr().out
+    assert f"saved {out}" in said and "next: run-study predict" in said
+    # and it predicts
+    sub = searched / "final.csv"
+    assert run_study.main(["predict", str(out), "--data", str(tiny_synthetic), "--out", str(sub)]) == 0
+    assert len(_rows(sub)) == 1 + len(json.loads((tiny_synthetic / "testdata.json").read_text())["utterances"])
+
+
+def test_a_trials_best_artifact_is_what_predict_uses(searched):
+    study = optuna.load_study(study_name="fit", storage=f"sqlite:///{searched / 'studies/fit.db'}")
+    trial = study.trials[1]
+    checkpoint = load(study_artifact_store(study), best_checkpoint_id(study, trial))
+    assert predict.from_study(study, "1", None)[0].values["valid_acc"] == checkpoint["valid_acc"] == trial.value
+
+
+@pytest.mark.parametrize("case", ["other_mels", "no_testdata", "garbage_file", "bad_trial", "bad_set",
+                                  "pickled_code", "missing_labels"])
+def test_bad_input_is_one_line_and_exit_2(searched, tiny_synthetic, hw4_folder, case, tmp_path):
+    study = str(searched / "studies/fit.toml")
+    data = str(tiny_synthetic)
+    args = {
+        "other_mels": ["predict", study, "--data", str(hw4_folder(n_mels=8))],
+        "no_testdata": ["predict", study, "--data", str(_without_testdata(tiny_synthetic, tmp_path))],
+        "garbage_file": ["predict", str(_write(tmp_path / "x.pt", b"not a checkpoint")), "--data", data],
+        "bad_trial": ["predict", study, "--trial", "99", "--data", data],
+        "bad_set": ["train", study, "--data", data, "--set", "train.max_stepz=5"],
+        "pickled_code": ["predict", str(_pickled(tmp_path / "evil.pt")), "--data", data],
+        "missing_labels": ["predict", study, "--data", data, "--labels", str(tmp_path / "none.csv")],
+    }[case]
+    run = cli(*args, "--out", str(tmp_path / "s.csv"), cwd=searched, check=False) if case != "bad_set" else \
+        cli(*args, cwd=searched, check=False)
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in run.stderr, run.stderr
+    expected = {"other_mels": "n_mels", "no_testdata": "testdata.json", "garbage_file": "x.pt",
+                "bad_trial": "--trial '99'", "bad_set": "max_stepz", "pickled_code": "evil.pt",
+                "missing_labels": "none.csv"}[case]
+    assert expected in lines[0]
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _without_testdata(root: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "notest"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns(".hw4pack", "testdata.json"))
+    return copy
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def _pickled(path: Path) -> Path:
+    torch.save({"format": 1, "model": _Evil()}, path)  # weights_only=True must refuse to run it
+    return path
