@@ -46,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt as interrupt:
         code = exit_code(interrupt)
-        if getattr(args, "worker_id", None) is None:  # workers stay quiet: their parent says it once
-            name = "SIGTERM" if code == EXIT_TERMINATED else "SIGINT"
+        name = "SIGTERM" if code == EXIT_TERMINATED else "SIGINT"
+        if args.command not in ("search", "ablate"):
+            print(f"interrupted ({name})", file=sys.stderr)
+        elif getattr(args, "worker_id", None) is None:  # workers stay quiet: their parent says it once
             print(f"interrupted ({name}): running trials are marked failed (reason 'interrupted') and rerun by "
                   "the next run; finished trials are stored. Run the same command again to resume", file=sys.stderr)
         return code
@@ -218,7 +220,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     def setup(study) -> None:
         from search.runner import retry_interrupted
+        from search.status import TARGET_ATTR
 
+        if n_trials and study.user_attrs.get(TARGET_ATTR) != n_trials:
+            study.set_user_attr(TARGET_ATTR, n_trials)  # for `run-study status`'s ETA
         queued = retry_interrupted(study)
         if queued:
             print(f"{queued} interrupted trial(s) queued again with the same parameters")
@@ -398,7 +403,7 @@ def cmd_train(args: argparse.Namespace) -> None:
           f"{_fmt(trial.value)} in the study): {cfg.train.max_steps} steps")
     result = fit(cfg, store, out, {"study": study.study_name, "trial": trial.number, "overrides": args.overrides})
     print(f"best valid_acc {result.best_valid_acc:.4f} at step {result.best_step}; saved {out}")
-    print(f"next: run-study predict {out} --data {store_root(args, spec)} --out submission.csv")
+    print(f"next: run-study predict {out} --data {_data_root(args, spec)} --out submission.csv")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -488,7 +493,7 @@ def _data_for(study, spec, override: Path | None):
     return store
 
 
-def store_root(args, spec) -> Path:
+def _data_root(args, spec) -> Path:
     return args.data or spec.data_path
 
 

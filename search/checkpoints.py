@@ -9,6 +9,7 @@ Removed artifacts are marked null, the way optuna-dashboard deletes them.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import tempfile
@@ -39,24 +40,15 @@ def default_location(storage_url: str, study_file: Path) -> str:
 
 def open_artifact_store(location: str):
     """An Optuna artifact store for a folder, s3://bucket/prefix or gs://bucket/prefix."""
-    if location.startswith("s3://"):
-        bucket, _, prefix = location[5:].partition("/")
-        try:
-            from optuna.artifacts import Boto3ArtifactStore
-
-            store = Boto3ArtifactStore(bucket)
-        except ImportError:
-            raise SpecError(f"study.artifacts={location!r} needs boto3: pip install boto3") from None
-        return _Prefixed(store, prefix) if prefix else store
-    if location.startswith("gs://"):
-        bucket, _, prefix = location[5:].partition("/")
-        try:
-            from optuna.artifacts import GCSArtifactStore
-
-            store = GCSArtifactStore(bucket)
-        except ImportError:
-            raise SpecError(f"study.artifacts={location!r} needs google-cloud-storage") from None
-        return _Prefixed(store, prefix) if prefix else store
+    for scheme, store_class, package in (("s3", "Boto3ArtifactStore", "boto3"),
+                                         ("gs", "GCSArtifactStore", "google-cloud-storage")):
+        if location.startswith(f"{scheme}://"):
+            bucket, _, prefix = location[len(scheme) + 3:].partition("/")
+            try:
+                store = getattr(importlib.import_module("optuna.artifacts"), store_class)(bucket)
+            except ImportError:
+                raise SpecError(f"study.artifacts={location!r} needs {package}: pip install {package}") from None
+            return _Prefixed(store, prefix) if prefix else store
     if "://" in location:
         raise SpecError(f"study.artifacts={location!r}: use a folder, s3://BUCKET/PREFIX or gs://BUCKET/PREFIX")
     path = Path(location)

@@ -20,7 +20,7 @@ from search.checkpoints import CHECKPOINT_FORMAT, best_checkpoint_id, load, load
 from search.config import RunConfig
 from search.final import pick_trial
 from search.spec import SpecError
-from search.train import _autocast, default_device
+from search.train import autocast, default_device
 
 
 @dataclass
@@ -96,7 +96,7 @@ def predict_proba(checkpoints: list[Checkpoint], store: PackedStore, device: tor
         model.to(device).eval()
         for batch in batches:
             batch = batch.to(device)
-            with _autocast(device, enabled=cfg.train.amp):
+            with autocast(device, enabled=cfg.train.amp):
                 logits = model(batch.x, batch.lengths)
             rows = [row_of[int(i)] for i in batch.index.cpu()]
             probs[rows] += torch.softmax(logits.float(), dim=-1).cpu().numpy()

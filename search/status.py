@@ -10,6 +10,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what --n-trials counts (search.runner.search_plan)
+TARGET_ATTR = "target_trials"  # study user attr: the finished-trial target of the last `search` command
 
 
 def study_status(study: optuna.Study, now: float) -> str:
@@ -61,8 +62,8 @@ def heartbeat_ages(study: optuna.Study) -> dict[int, float] | None:
 
 
 def _progress(study: optuna.Study, trials: list[FrozenTrial], n_running: int) -> str:
-    """Finished trials and their mean duration; for an ablation, whose target is stored (its rows x seeds), the
-    ETA: cells left x mean duration / running workers. A search's --n-trials is per command: not stored."""
+    """Finished trials and their mean duration, and the ETA: trials (an ablation's cells) left x mean duration /
+    running workers. A search's target is the --n-trials (or study.n_trials) of its last `search` command."""
     attrs = study.user_attrs
     ablation = attrs.get("kind") == "ablation" and attrs.get("rows") and attrs.get("seeds")
     # an ablation's pruned trials are workers that found no cell left: they took no time, so they do not count
@@ -72,11 +73,15 @@ def _progress(study: optuna.Study, trials: list[FrozenTrial], n_running: int) ->
         return "finished: none yet"
     mean = sum(t.duration.total_seconds() for t in finished) / len(finished)
     line = f"finished: {len(finished)}, mean {_duration(mean)} each"
+    workers = max(1, n_running)
     if not ablation:
-        return line
+        target = attrs.get(TARGET_ATTR)
+        if not target:
+            return line
+        left = max(0, target - len(finished))
+        return line + f"; {left} of {target} trials left, ETA {_duration(left * mean / workers)} ({workers} running)"
     target = len(attrs["rows"]) * len(attrs["seeds"])
     left = target - len({(t.params.get("variant"), t.params.get("seed")) for t in finished})
-    workers = max(1, n_running)
     return line + f"; {left} of {target} cells left, ETA {_duration(left * mean / workers)} ({workers} running)"
 
 

@@ -73,7 +73,7 @@ def evaluate(model: SpeakerClassifier, batches: list, device: torch.device, amp:
     correct = total = 0
     for batch in batches:
         batch = batch.to(device)
-        with _autocast(device, enabled=amp):
+        with autocast(device, enabled=amp):
             logits = model(batch.x, batch.lengths)
         correct += int((logits.argmax(-1) == batch.y).sum())
         total += len(batch.y)
@@ -123,7 +123,7 @@ def train(
         batch = sampler.next_batch().to(device)
         if set_margin_step is not None:
             set_margin_step(step - 1)  # steps done so far: a warmed-up margin starts at 0, like the LR factor
-        with _autocast(device, enabled=use_amp):
+        with autocast(device, enabled=use_amp):
             logits = model(batch.x, batch.lengths)
         loss = model.criterion(logits.float(), batch.y)
         optimizer.zero_grad(set_to_none=True)
@@ -215,7 +215,7 @@ def _restore(state: dict[str, Any], cfg: RunConfig, store: PackedStore, model, o
     return state["step"]
 
 
-def _autocast(device: torch.device, enabled: bool):
+def autocast(device: torch.device, enabled: bool):
     if device.type != "cuda" or not enabled:
         return nullcontext()
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -9,11 +9,9 @@ installs both, see .ci/run): missing, the test fails; it is never skipped.
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +22,8 @@ import pytest
 
 from search.checkpoints import artifacts, open_artifact_store
 from tests.conftest import write_study
+from tests.test_cli import FAST
+from tests.test_dashboard import _free_port, _get
 
 try:
     from playwright.sync_api import Page, sync_playwright
@@ -36,19 +36,7 @@ STUDY = "browser_e2e"
 CHECKPOINT = "trial-0-best.pt"
 # Two categorical d_model values: the report then has a figure optuna-dashboard does not draw itself
 # ("by-d_model"), which is saved into the study and shown on its page.
-BODY = """
-[model]
-d_model = [16, 24]
-nhead = 2
-ff_mult = 2.0
-[train]
-max_steps = 20
-valid_steps = 10
-warmup_steps = 5
-segment_len = 32
-batch_size = 16
-lr = { low = 1e-3, high = 5e-3, log = true }
-"""
+BODY = FAST.replace("max_steps = 40", "max_steps = 20").replace("valid_steps = 20", "valid_steps = 10")
 
 
 def _artifacts_dir() -> Path:
@@ -145,19 +133,6 @@ def dashboard(searched: Path) -> Iterator[str]:
             server.kill()
             server.wait()
         log.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str) -> tuple[int, bytes]:
-    # optuna-dashboard 0.21 answers 500 for bundle.js without Accept-Encoding; browsers always send it.
-    request = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return response.status, response.read()
 
 
 # ------------------------------------------------------------------------------------------------------- tests

@@ -70,8 +70,13 @@ def test_status_of_a_running_study(storage_url, capsys):
                         lines[1]), lines[1]
     assert re.fullmatch(r"  running #5 on \?: no step reported, heartbeat \?, started \d+ s ago", lines[2]), lines[2]
     assert lines[3] == "best: #1 value 0.8000 (pooling=stats, lr=0.003123)"
-    assert lines[4] == "finished: 3, mean 1 min 30 s each"  # (60 + 120 + 90) / 3; a search stores no target
+    assert lines[4] == "finished: 3, mean 1 min 30 s each"  # (60 + 120 + 90) / 3; no `search` set a target
     assert len(lines) == 5
+    # `run-study search --n-trials 9` stores its target: 6 left x 90 s / 2 running
+    optuna.load_study(study_name="st", storage=normalize_url(storage_url)).set_user_attr("target_trials", 9)
+    assert run_study.main(["status", "st", "--storage", storage_url]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == "finished: 3, mean 1 min 30 s each; 6 of 9 trials left, ETA 4 min 30 s (2 running)"
 
 
 def test_status_reads_the_storage_from_optuna_storage(tmp_path, monkeypatch, capsys):
