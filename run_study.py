@@ -312,6 +312,7 @@ def _run(args, spec, timeout, setup, run, top: int, target, open_study=None) -> 
             stats = run(study, store, deadline, artifact_store)
         finally:
             progress.active().close()
+            progress.activate(None)
         _say_stop(stats, sys.stderr)
     _say_done(args, spec, study, stats, url, top)
     return EXIT_FAILED if stats.all_failed else 0
@@ -337,7 +338,8 @@ def _say_done(args, spec, study, stats, url: str, top: int) -> None:
         if best_checkpoint_id(study, best):
             print(f"checkpoint: trial-{best.number}-best.pt in {study.user_attrs.get('artifacts')}")
     print("report: " + ", ".join(map(str, paths)))
-    study_arg = spec.path
+    renamed = any(item.strip().startswith("study.name") for item in args.overrides)
+    study_arg = f"{spec.name} --storage {url}" if renamed or args.storage else spec.path  # what finds this study
     data = f" --data {args.data}" if args.data else ""
     if complete and top:
         print(f"next: run-study train {study_arg}{data} --trial best --set train.max_steps=N   (final fit)\n"

@@ -45,7 +45,7 @@ class Progress:
 
     def __init__(self, mode: str, target: int | None = None, done: int = 0, best: float | None = None,
                  failure_log: Path | None = None, stream: TextIO | None = None) -> None:
-        self.mode, self.stream, self.failure_log = mode, stream or sys.stderr, failure_log
+        self.mode, self._stream, self.failure_log = mode, stream, failure_log
         self.best, self.done, self.target = best, done, target
         self.trial_bar: tqdm | None = None
         self.study_bar = None
@@ -53,6 +53,10 @@ class Progress:
             self.study_bar = tqdm(total=target, initial=done, desc="trials", unit="trial", position=0,
                                   file=self.stream, dynamic_ncols=True, leave=True)
             self._show_best()
+
+    @property
+    def stream(self) -> TextIO:  # looked up when used: sys.stderr may be replaced (pytest, a redirect)
+        return self._stream or sys.stderr
 
     # --- the objective's calls -------------------------------------------------------------------------
     def start_trial(self, number: int, max_steps: int, params: dict[str, Any], resumed_from: int = 0) -> None:

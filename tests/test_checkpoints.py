@@ -46,7 +46,7 @@ def test_each_trial_keeps_its_best_model_and_no_latest_state(tmp_path, tiny_synt
 def test_a_killed_trial_is_retried_from_its_latest_state_with_the_same_history(tmp_path, tiny_synthetic, how):
     """Killed (SIGTERM: failed as interrupted; kill -9: reaped by its heartbeat) after its second evaluation,
     the trial's retry starts from the latest state and ends with the very curve of an uninterrupted run."""
-    body = SPACE.format(steps=400)
+    body = SPACE.format(steps=240)
     killed = write_study(tmp_path / "killed.toml", body)
     whole = write_study(tmp_path / "whole.toml", body)
     data = ("--data", str(tiny_synthetic), "--n-trials", "1")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import optuna
 
+import run_study
 from reports import write_report
 from reports.export import NOTE_BEGIN, NOTE_END, report_section, with_report
 from tests.conftest import write_study
@@ -92,13 +93,13 @@ def test_dashboard_serves_the_study(tmp_path):
         assert sorted(figures["by-pooling"]["data"][0]["x"]) == ["mean", "stats", "stats"]
 
 
-def test_report_replaces_only_its_section_of_a_note_the_user_edited(tmp_path):
+def test_report_replaces_only_its_section_of_a_note_the_user_edited(tmp_path, monkeypatch):
     """Text typed in the dashboard's note editor, above and below the report, survives `run-study report` reruns."""
     study_file = write_study(tmp_path / "notes.toml", "")
     study = _pooling_study(tmp_path / "notes.db", "notes")
-    report = [sys.executable, str(ROOT / "run_study.py"), "report", str(study_file), "--format", "md"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run(report, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=120)
+    monkeypatch.chdir(tmp_path)
+    report = ["report", str(study_file), "--format", "md"]
+    assert run_study.main(report) == 0
     above, below = "My notes: stats pooling wins.\n\n- try attentive_stats next\n", "TODO: rerun with seed 2\n"
     with _dashboard(study_file, tmp_path) as base:
         note = json.loads(_get(f"{base}/api/studies/{study._study_id}")[1])["note"]
@@ -108,7 +109,7 @@ def test_report_replaces_only_its_section_of_a_note_the_user_edited(tmp_path):
                          {"version": note["version"] + 1, "body": edited}) == 204  # saved
         _add_trial(study, 0.9, "mean")  # the report changes between the runs
         for _ in range(2):
-            subprocess.run(report, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=120)
+            assert run_study.main(report) == 0
         body = json.loads(_get(f"{base}/api/studies/{study._study_id}")[1])["note"]["body"]
     text = (tmp_path / "results" / "notes" / "notes.md").read_text()
     assert "Trials: 4 complete" in text

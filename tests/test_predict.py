@@ -104,27 +104,34 @@ def test_a_trials_best_artifact_is_what_predict_uses(searched):
 
 @pytest.mark.parametrize("case", ["other_mels", "no_testdata", "garbage_file", "bad_trial", "bad_set",
                                   "pickled_code", "missing_labels"])
-def test_bad_input_is_one_line_and_exit_2(searched, tiny_synthetic, hw4_folder, case, tmp_path):
+def test_bad_input_is_one_line_and_exit_2(searched, tiny_synthetic, hw4_folder, case, tmp_path, capsys):
     study = str(searched / "studies/fit.toml")
     data = str(tiny_synthetic)
+    out = ["--out", str(tmp_path / "s.csv")]
     args = {
-        "other_mels": ["predict", study, "--data", str(hw4_folder(n_mels=8))],
-        "no_testdata": ["predict", study, "--data", str(_without_testdata(tiny_synthetic, tmp_path))],
-        "garbage_file": ["predict", str(_write(tmp_path / "x.pt", b"not a checkpoint")), "--data", data],
-        "bad_trial": ["predict", study, "--trial", "99", "--data", data],
+        "other_mels": ["predict", study, "--data", str(hw4_folder(n_mels=8)), *out],
+        "no_testdata": ["predict", study, "--data", str(_without_testdata(tiny_synthetic, tmp_path)), *out],
+        "garbage_file": ["predict", str(_write(tmp_path / "x.pt", b"not a checkpoint")), "--data", data, *out],
+        "bad_trial": ["predict", study, "--trial", "99", "--data", data, *out],
         "bad_set": ["train", study, "--data", data, "--set", "train.max_stepz=5"],
-        "pickled_code": ["predict", str(_pickled(tmp_path / "evil.pt")), "--data", data],
-        "missing_labels": ["predict", study, "--data", data, "--labels", str(tmp_path / "none.csv")],
+        "pickled_code": ["predict", str(_pickled(tmp_path / "evil.pt")), "--data", data, *out],
+        "missing_labels": ["predict", study, "--data", data, "--labels", str(tmp_path / "none.csv"), *out],
     }[case]
-    run = cli(*args, "--out", str(tmp_path / "s.csv"), cwd=searched, check=False) if case != "bad_set" else \
-        cli(*args, cwd=searched, check=False)
-    assert run.returncode == 2, run.stderr
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in run.stderr, run.stderr
     expected = {"other_mels": "n_mels", "no_testdata": "testdata.json", "garbage_file": "x.pt",
                 "bad_trial": "--trial '99'", "bad_set": "max_stepz", "pickled_code": "evil.pt",
                 "missing_labels": "none.csv"}[case]
+    if case == "other_mels":  # as a user meets it: a process, its stderr and exit code
+        run = cli(*args, cwd=searched, check=False)
+        code, err = run.returncode, run.stderr
+    else:
+        code, err = run_study.main(args), capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     assert expected in lines[0]
+    assert "pickled code ran" not in capsys.readouterr().out
+    if case != "missing_labels":
+        assert not (tmp_path / "s.csv").exists()  # nothing written before the input is known good
 
 
 def _write(path: Path, data: bytes) -> Path:

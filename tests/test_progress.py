@@ -38,10 +38,12 @@ def test_off_a_tty_one_line_per_evaluation_and_a_short_summary(tmp_path, tiny_sy
 
 def test_quiet_shows_no_progress_and_verbose_the_whole_report(tmp_path, tiny_synthetic, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert _search(tmp_path, tiny_synthetic, "-q") == 0
+    assert _search(tmp_path, tiny_synthetic, "-q", "--set", "study.name=other") == 0
     out, err = capsys.readouterr()
     assert "step" not in err and "started" not in err
     assert "best: trial" in out
+    # a renamed study is not the study file's: the next commands name it and its storage
+    assert "next: run-study train other --storage sqlite:///other.db --data " in out
     assert _search(tmp_path, tiny_synthetic, "-v", "--n-trials", "3") == 0
     out, _ = capsys.readouterr()
     assert "## Top" in out

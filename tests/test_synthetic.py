@@ -66,12 +66,14 @@ def test_testdata_is_unlabelled_with_separate_answers(dataset: Path) -> None:
     labels = _read(dataset, synthetic.TEST_LABELS_FILE)
     assert list(labels) == [e["feature_path"] for e in test["utterances"]]
     assert set(labels.values()) <= set(_read(dataset, "mapping.json")["speaker2id"])
+    kaggle = (dataset / synthetic.TEST_LABELS_CSV).read_text().splitlines()  # for `predict --labels`
+    assert kaggle[0] == "Id,Category" and kaggle[1:] == [f"{path},{s}" for path, s in labels.items()]
     for entry in test["utterances"]:
         assert torch.load(dataset / entry["feature_path"]).shape == (entry["mel_len"], 40)
     train = {e["feature_path"] for us in _read(dataset, "metadata.json")["speakers"].values()
              for e in us}
     assert not train & set(labels)
-    expected = len(train) + len(labels) + 5  # + metadata, mapping, testdata, labels, marker
+    expected = len(train) + len(labels) + 6  # + metadata, mapping, testdata, labels (JSON and CSV), marker
     assert len(list(dataset.iterdir())) == expected
 
 
