@@ -79,7 +79,9 @@ def _progress(study: optuna.Study, trials: list[FrozenTrial], n_running: int) ->
         if not target:
             return line
         left = max(0, target - len(finished))
-        return line + f"; {left} of {target} trials left, ETA {_duration(left * mean / workers)} ({workers} running)"
+        if left == 0:
+            return line + f"; target of {target} reached"
+        return line + f"; {left} of {target} trials left, ETA {_duration(left * mean / workers)} ({n_running} running)"
     target = len(attrs["rows"]) * len(attrs["seeds"])
     left = target - len({(t.params.get("variant"), t.params.get("seed")) for t in finished})
     return line + f"; {left} of {target} cells left, ETA {_duration(left * mean / workers)} ({workers} running)"

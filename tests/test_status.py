@@ -77,6 +77,9 @@ def test_status_of_a_running_study(storage_url, capsys):
     assert run_study.main(["status", "st", "--storage", storage_url]) == 0
     last = capsys.readouterr().out.splitlines()[-1]
     assert last == "finished: 3, mean 1 min 30 s each; 6 of 9 trials left, ETA 4 min 30 s (2 running)"
+    optuna.load_study(study_name="st", storage=normalize_url(storage_url)).set_user_attr("target_trials", 3)
+    assert run_study.main(["status", "st", "--storage", storage_url]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "finished: 3, mean 1 min 30 s each; target of 3 reached"
 
 
 def test_status_reads_the_storage_from_optuna_storage(tmp_path, monkeypatch, capsys):
