@@ -1,6 +1,8 @@
 """The speaker classifier assembled from registered components, and build_model()."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -20,7 +22,11 @@ class SpeakerClassifier(nn.Module):
     def __init__(self, cfg: ModelConfig, n_mels: int, n_classes: int) -> None:
         super().__init__()
         self.config = cfg
-        self.prenet = nn.Linear(n_mels, cfg.d_model)
+        if cfg.prenet:
+            self.prenet = nn.Linear(n_mels, cfg.d_model)
+        else:  # the features themselves: everything after sees n_mels-wide frames
+            self.prenet = nn.Identity()
+            cfg = dataclasses.replace(cfg, d_model=n_mels, nhead=1)
         if cfg.subsample:  # only then, so the state-dict keys of other models are unchanged
             self.subsample = ConvSubsampling(cfg.d_model)
         self.encoder = ENCODERS.build(cfg.encoder, cfg)

@@ -36,6 +36,19 @@ def _transformer(cfg: ModelConfig) -> nn.Module:
     return TransformerEncoder(cfg.d_model, cfg.nhead, cfg.n_layers, cfg.dim_feedforward, cfg.dropout)
 
 
+class NoEncoder(nn.Module):
+    """No sequence model: the (projected) frames go straight to pooling. With stats pooling and a linear head
+    this is the classic per-utterance mean+std classifier: a floor that trains in seconds."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, mask
+
+
+@ENCODERS.register("none")
+def _no_encoder(cfg: ModelConfig) -> nn.Module:
+    return NoEncoder()
+
+
 class MLPHead(nn.Sequential):
     """The hidden layers between pooling and the classifier (none for the "linear" layout)."""
 

@@ -9,7 +9,8 @@ from models.registry import ACTIVATIONS, CLASSIFIERS, ENCODERS, HEADS, LOSSES, P
 
 @dataclass(frozen=True)
 class ModelConfig:
-    encoder: str = "transformer"
+    encoder: str = "transformer"  # or "conformer", or "none": no sequence model (pooling sees the frames)
+    prenet: bool = True  # a linear projection n_mels -> d_model first; false (encoder "none" only): raw features
     d_model: int = 80
     nhead: int = 2
     n_layers: int = 1
@@ -51,6 +52,10 @@ class ModelConfig:
         _require(isinstance(self.conv_kernel, int) and self.conv_kernel >= 1 and self.conv_kernel % 2 == 1,
                  "conv_kernel", self.conv_kernel, "a positive odd integer")
         _require(isinstance(self.subsample, bool), "subsample", self.subsample, "true or false")
+        _require(isinstance(self.prenet, bool), "prenet", self.prenet, "true or false")
+        if not self.prenet and self.encoder != "none":
+            raise ConfigError(f"model.prenet=false needs model.encoder='none', not model.encoder={self.encoder!r} "
+                              "(a sequence model works on d_model-wide frames)")
         _require(_is_number(self.scale) and self.scale > 0, "scale", self.scale, "a positive number")
         _require(_is_number(self.margin) and 0 <= self.margin < 1, "margin", self.margin, "a number in [0, 1)")
         _require(isinstance(self.margin_warmup_steps, int) and self.margin_warmup_steps >= 0,

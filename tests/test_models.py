@@ -88,3 +88,27 @@ def test_forward_flops_match_a_hand_count():
     hand = 2 * T * n_mels * d + attention + 2 * (2 * T * d * ff) + 2 * d * 12 + 2 * 12 * C
     assert forward_flops(model, n_mels, T) == hand
     assert not model.training  # counted on a copy
+
+
+def test_no_encoder_with_stats_pooling_is_the_classic_mean_std_linear_classifier():
+    """encoder="none", prenet=false, stats pooling, linear head: logits = W [mean(x), std(x)] + b, over the
+    utterance's own frames only (padding ignored); nothing else is learned."""
+    cfg = ModelConfig(encoder="none", prenet=False, pooling="stats", head="linear", dropout=0.0)
+    model = build_model(cfg, n_mels=8, n_classes=5).eval()
+    assert count_parameters(model) == 2 * 8 * 5 + 5
+    x = torch.randn(2, 12, 8)
+    lengths = torch.tensor([12, 7])
+    logits = model(x, lengths)
+    for row, n in enumerate(lengths.tolist()):
+        frames = x[row, :n]
+        features = torch.cat([frames.mean(0), frames.var(0, unbiased=False).add(1e-5).sqrt()])
+        expected = model.classifier(features)
+        torch.testing.assert_close(logits[row], expected, atol=1e-4, rtol=1e-4)
+    # with a projection first (the default prenet), any pooling; still no sequence model
+    projected = build_model(ModelConfig(encoder="none", d_model=16, nhead=2, pooling="attention"), 8, 5)
+    assert count_parameters(projected) == 8 * 16 + 16 + 16 + 16 * 5 + 5
+
+
+def test_raw_features_need_the_no_encoder():
+    with pytest.raises(ConfigError, match="model.prenet=false needs model.encoder='none'"):
+        ModelConfig(encoder="transformer", prenet=False)

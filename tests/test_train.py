@@ -108,3 +108,13 @@ def test_a_saved_state_from_another_config_is_refused(tiny_store):
     train(tiny_config(max_steps=20, valid_steps=20), tiny_store, save_state=states.append)
     with pytest.raises(ValueError, match="another config"):
         train(tiny_config(max_steps=40, valid_steps=20), tiny_store, resume=states[0])
+
+
+def test_the_mean_std_floor_learns_in_a_few_steps(tiny_store):
+    """encoder "none" + raw features + stats pooling + linear head: a baseline any search space can include."""
+    base = tiny_config(max_steps=120, valid_steps=40, lr=3e-2)
+    cfg = RunConfig(model=ModelConfig(encoder="none", prenet=False, pooling="stats", dropout=0.0),
+                    train=base.train, data=base.data)
+    result = train(cfg, tiny_store)
+    assert result.n_params == 2 * tiny_store.n_mels * tiny_store.n_classes + tiny_store.n_classes
+    assert result.best_valid_acc > 3 / tiny_store.n_classes
