@@ -322,6 +322,7 @@ def _say_done(args, spec, study, stats, url: str, top: int) -> None:
     """The end of a run: counts, the best trial, where the report and checkpoint are, what to run next.
     (An ablation prints its table: that is its result.) -v prints the whole report."""
     from reports import DEFAULT_FORMATS, write_report
+    from reports.tables import budget_starved
     from search.checkpoints import best_checkpoint_id
 
     text, paths = write_report(study, Path("results") / spec.name, top or 10, DEFAULT_FORMATS)
@@ -337,6 +338,9 @@ def _say_done(args, spec, study, stats, url: str, top: int) -> None:
         print(f"best: trial {best.number}, valid_acc {best.value:.4f} ({params})")
         if best_checkpoint_id(study, best):
             print(f"checkpoint: trial-{best.number}-best.pt in {study.user_attrs.get('artifacts')}")
+        starved = budget_starved(study)
+        if starved:
+            print(starved)
     print("report: " + ", ".join(map(str, paths)))
     renamed = any(item.strip().startswith("study.name") for item in args.overrides)
     study_arg = f"{spec.name} --storage {url}" if renamed or args.storage else spec.path  # what finds this study

@@ -56,6 +56,9 @@ def search_report(study: optuna.Study, k: int = 10, plots: bool = False) -> Repo
         Section(f"Top {k} complete trials (best validation accuracy)", table=top_trials(frame, k))
         if counts["complete"] else Section(f"Top {k} complete trials (best validation accuracy)", "None complete."),
     ]
+    starved = budget_starved(study)
+    if starved:
+        sections.append(Section(text=starved))
     marginals = marginal_tables(study, frame)
     sections += [Section(f"By {name} (complete trials)", table=table, index=True) for name, table in marginals.items()]
     importances = param_importances(study)
@@ -69,6 +72,26 @@ def search_report(study: optuna.Study, k: int = 10, plots: bool = False) -> Repo
     figures = (search_figures(study, frame, searched, importances, list(marginals)) if plots
                else choice_figures(frame, list(marginals)))
     return Report(f"Study `{study.study_name}`", sections, figures, csv=frame, tex=top_trials(frame, k))
+
+
+def budget_starved(study: optuna.Study) -> str:
+    """A warning when the best complete trial peaked at its last evaluation with accuracy still rising: its
+    budget, not its config, limited it, and longer trials would likely do better. '' otherwise."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    curves = [sorted(t.intermediate_values.items()) for t in complete]
+    peaked = [c for c in curves if len(c) >= 2 and max(v for _, v in c) == c[-1][1]]
+    if not complete:
+        return ""
+    best = max(complete, key=lambda t: t.value)
+    curve = sorted(best.intermediate_values.items())
+    if len(curve) < 2 or curve[-1][1] <= curve[-2][1] or curve[-1][1] < max(v for _, v in curve):
+        return ""
+    (prev_step, prev), (last_step, last) = curve[-2], curve[-1]
+    return (f"(!) budget-starved: the best trial ({best.number}) peaked at its last evaluation, step {last_step}, "
+            f"with validation accuracy still rising ({prev:.4f} at step {prev_step} -> {last:.4f}); "
+            f"{len(peaked)} of {len(complete)} complete trials peaked at their last evaluation. Longer trials "
+            f"would likely do better: try train.max_steps={2 * last_step}, or a final fit: run-study train "
+            f"{study.study_name} --trial {best.number} --set train.max_steps={4 * last_step}")
 
 
 def searched_params(study: optuna.Study) -> list[str]:

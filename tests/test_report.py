@@ -279,3 +279,20 @@ def test_ablation_with_duplicate_complete_cells_reports_the_first_and_says_so(tm
     wide = next(line for line in text.splitlines() if line.startswith("| wide"))
     assert [c.strip() for c in wide.strip("|").split("|")][1:3] == ["3/0/0", "0.6200 ± 0.0265"]
     assert first[("wide", 0)] == 0.60
+
+
+def test_a_best_trial_still_rising_at_its_last_evaluation_is_flagged_budget_starved():
+    def study_with(best_curve: dict[int, float]) -> optuna.Study:
+        study = optuna.create_study(direction="maximize")
+        study.add_trial(create_trial(value=max(best_curve.values()), intermediate_values=best_curve))
+        study.add_trial(create_trial(value=0.3, intermediate_values={100: 0.3, 200: 0.2}))  # peaked early
+        study.add_trial(create_trial(value=0.35, intermediate_values={100: 0.2, 200: 0.35}))  # also rising
+        return study
+
+    starved = study_with({100: 0.4, 200: 0.6, 250: 0.7})
+    text = to_markdown(study_report(starved))
+    assert ("(!) budget-starved: the best trial (0) peaked at its last evaluation, step 250, with validation "
+            "accuracy still rising (0.6000 at step 200 -> 0.7000); 2 of 3 complete trials") in text
+    assert "train.max_steps=500" in text
+    for curve in ({100: 0.4, 200: 0.7, 250: 0.6}, {100: 0.7, 200: 0.7}, {250: 0.7}):  # fell, flat, one point
+        assert "budget-starved" not in to_markdown(study_report(study_with(curve)))
