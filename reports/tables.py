@@ -10,7 +10,8 @@ import pandas as pd
 from reports.document import Report, Section
 from reports.figures import choice_figures, search_figures
 
-ATTR_COLUMNS = ("n_params", "flops_per_segment", "steps_run", "steps_per_s", "best_step", "seed")
+ATTR_COLUMNS = ("n_params", "flops_per_segment", "steps_run", "steps_per_s", "best_step", "seed",
+                "stopped_at_deadline")  # the step a trial running at the study's deadline stopped at
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -25,20 +26,22 @@ RESULT_ATTRS = ("n_params", "flops_per_segment", "steps_run", "steps_per_s", "sa
                 "best_step", "device")
 
 
-def make_objective(spec: StudySpec, store: PackedStore, artifact_store=None,
-                   log: Callable[[str], None] = print) -> Callable[[optuna.Trial], float]:
+def make_objective(spec: StudySpec, store: PackedStore, artifact_store=None, log: Callable[[str], None] = print,
+                   deadline: float | None = None) -> Callable[[optuna.Trial], float]:
     """The objective Optuna calls: sample a RunConfig, train it with pruning, record provenance."""
 
     def objective(trial: optuna.Trial) -> float:
-        return train_trial(trial, spec.run_config(trial), store, artifact_store, log)
+        return train_trial(trial, spec.run_config(trial), store, artifact_store, log, deadline)
 
     return objective
 
 
 def train_trial(trial: optuna.Trial, cfg: RunConfig, store: PackedStore, artifact_store=None,
-                log: Callable[[str], None] = print) -> float:
+                log: Callable[[str], None] = print, deadline: float | None = None) -> float:
     """Train `cfg` as this trial: record provenance and results on it, report and prune through it; with an
-    artifact store, keep its latest state while it runs (a retry continues from it) and its best model."""
+    artifact store, keep its latest state while it runs (a retry continues from it) and its best model.
+    At the study's deadline (time.time()) it stops at its next evaluation and completes with what it reached
+    (user attr stopped_at_deadline = that step), unless the pruner prunes it there."""
     trial.set_user_attr("run_config", cfg.to_dict())
     trial.set_user_attr("seed", cfg.train.seed)
     trial.set_user_attr("data_fingerprint", store.fingerprint)
@@ -50,9 +53,16 @@ def train_trial(trial: optuna.Trial, cfg: RunConfig, store: PackedStore, artifac
         for point in resume["history"]:
             trial.report(point["valid_acc"], point["step"])
 
+    stopped: list[int] = []
+
     def reporter(step: int, accuracy: float) -> bool:
         trial.report(accuracy, step)
-        return trial.should_prune()
+        if trial.should_prune():
+            return True
+        if deadline is not None and time.time() >= deadline and step < cfg.train.max_steps:
+            stopped.append(step)
+            return True
+        return False
 
     # A failure (e.g. NonFiniteLossError) is recorded by the runner; a SIGINT/SIGTERM stops at the next step
     # and keeps the latest state for the retry.
@@ -75,7 +85,9 @@ def train_trial(trial: optuna.Trial, cfg: RunConfig, store: PackedStore, artifac
     if checkpoints:
         checkpoints.save_best(model_checkpoint(result, cfg, store))
         checkpoints.drop_latest()
-    if result.pruned:
+    if stopped:
+        trial.set_user_attr("stopped_at_deadline", stopped[0])
+    elif result.pruned:
         raise optuna.TrialPruned(f"pruned at step {result.steps_run}")
     return result.best_valid_acc
 
@@ -147,5 +159,6 @@ def run_study(study: optuna.Study, spec: StudySpec, store: PackedStore, n_trials
 
     Counting finished trials in the storage makes a resumed run add only what is missing, and lets
     several workers share one target; failed trials do not count."""
-    return run_trials(study, make_objective(spec, store, artifact_store, log), search_plan(n_trials), deadline,
-                      spec.max_failures_in_row, poll_s=min(5.0, spec.heartbeat_interval), log=log)
+    objective = make_objective(spec, store, artifact_store, log, deadline)
+    return run_trials(study, objective, search_plan(n_trials), deadline, spec.max_failures_in_row,
+                      poll_s=min(5.0, spec.heartbeat_interval), log=log)

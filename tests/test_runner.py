@@ -175,3 +175,22 @@ def test_storage_urls_as_users_write_them_get_an_installed_driver(url, expected)
     from search.storage import normalize_url
 
     assert normalize_url(url) == expected
+
+
+def test_the_deadline_stops_a_running_trial_at_its_next_evaluation(tmp_path, tiny_store):
+    """A budget in time is kept: the trial running at the deadline stops at its next evaluation, completes with
+    what it reached (and says so), and no new trial starts; nothing runs a whole trial past the deadline."""
+    import time
+
+    spec = load_spec(write_study(tmp_path / "dl.toml", SPACE.format(loss='"ce"').replace(
+        "max_steps = 20", "max_steps = 100000")))
+    study = create_or_resume(spec, f"sqlite:///{tmp_path / 'dl.db'}", tiny_store.fingerprint)
+    start = time.time()
+    stats = run_search(study, spec, tiny_store, n_trials=5, deadline=start + 3, log=lambda _: None)
+    late = time.time() - (start + 3)
+    (trial,) = study.trials
+    assert trial.state == TrialState.COMPLETE and stats.stop_reason == "timeout"
+    stopped = trial.user_attrs["stopped_at_deadline"]
+    assert stopped % 10 == 0 and stopped == trial.user_attrs["steps_run"] == max(trial.intermediate_values)
+    assert 0 < stopped < 100000 and trial.value == max(trial.intermediate_values.values())
+    assert late < 2.0  # one 10-step evaluation window past the deadline, not a 100,000-step trial
