@@ -21,6 +21,9 @@ class TrainConfig:
     segment_len: int = 128
     seed: int = 87
     amp: bool = True  # mixed precision, on CUDA only
+    # A time budget per trial (0: none): after the first evaluation window the run is sized to the steps that
+    # fit, measured at its own speed (at most max_steps), and the LR schedule ends there.
+    max_minutes: float = 0.0
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "valid_steps", "batch_size", "segment_len"):
@@ -28,7 +31,7 @@ class TrainConfig:
         _check(self, "warmup_steps", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
         _check(self, "seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
         _check(self, "lr", lambda v: _number(v) and v > 0, "a positive number")
-        for key in ("weight_decay", "grad_clip"):
+        for key in ("weight_decay", "grad_clip", "max_minutes"):
             _check(self, key, lambda v: _number(v) and v >= 0, "a number >= 0")
         _check(self, "amp", lambda v: isinstance(v, bool), "true or false")
 

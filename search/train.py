@@ -41,6 +41,7 @@ class TrainResult:
     steps_per_s: float
     samples_per_s: float
     device: str
+    budget_steps: int = 0  # the steps the run was sized to: max_steps, or fewer to fit train.max_minutes
     history: list[dict[str, float]] = field(default_factory=list)
     best_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -112,12 +113,14 @@ def train(
     result = TrainResult(0.0, 0, 0, False, count_parameters(model), flops, 0.0, 0.0, str(device))
     loss_sum, loss_steps, train_seconds, tick = torch.zeros((), device=device), 0, 0.0, time.perf_counter()
     set_margin_step = getattr(model.criterion, "set_step", None)  # margin losses' warm-up
-    first_step = 1
+    step, result.budget_steps, wall_start = 0, t.max_steps, time.perf_counter()
     if resume is not None:
-        first_step = _restore(resume, cfg, store, model, optimizer, schedule, scaler, sampler, result) + 1
+        step = _restore(resume, cfg, store, model, optimizer, schedule, scaler, sampler, result)
         train_seconds = resume["train_seconds"]
+        _size_schedule(schedule, t, result, resume.get("budget_steps", t.max_steps))
     model.train()
-    for step in range(first_step, t.max_steps + 1):
+    while step < result.budget_steps:
+        step += 1
         if on_step is not None:
             on_step()
         batch = sampler.next_batch().to(device)
@@ -137,7 +140,7 @@ def train(
         loss_sum += loss.detach()
         loss_steps += 1
         result.steps_run = step
-        evaluating = step % t.valid_steps == 0 or step == t.max_steps
+        evaluating = step % t.valid_steps == 0 or step == result.budget_steps
         if evaluating or step % NAN_CHECK_EVERY == 0:
             _check_finite(loss_sum, step, optimizer)
         if not evaluating:
@@ -150,6 +153,9 @@ def train(
         )
         loss_sum.zero_()
         loss_steps = 0
+        if t.max_minutes and len(result.history) == 1 and resume is None:  # sized once, on the first window
+            fits = int(step * t.max_minutes * 60 / (time.perf_counter() - wall_start))
+            _size_schedule(schedule, t, result, max(step, min(t.max_steps, fits) // t.valid_steps * t.valid_steps))
         if on_eval is not None:
             on_eval(result.history[-1])
         if accuracy > result.best_valid_acc or not result.best_state:
@@ -166,6 +172,13 @@ def train(
     return result
 
 
+def _size_schedule(schedule, t, result: TrainResult, budget_steps: int) -> None:
+    """Run `budget_steps` steps in all, with the LR schedule's cosine ending there (not at max_steps)."""
+    result.budget_steps = budget_steps
+    if budget_steps != t.max_steps:
+        schedule.lr_lambdas[0] = warmup_cosine(t.warmup_steps, budget_steps)
+
+
 def training_state(cfg: RunConfig, store: PackedStore, model: SpeakerClassifier, optimizer, schedule, scaler,
                    sampler: CropSampler, result: TrainResult, train_seconds: float) -> dict[str, Any]:
     """Everything a run needs to go on exactly where it is: weights, optimizer, schedule, every random
@@ -174,7 +187,7 @@ def training_state(cfg: RunConfig, store: PackedStore, model: SpeakerClassifier,
     numpy_state = np.random.get_state(legacy=False)
     return {
         "format": STATE_FORMAT, "config": cfg.to_dict(), "fingerprint": store.fingerprint,
-        "step": result.steps_run, "train_seconds": train_seconds,
+        "step": result.steps_run, "train_seconds": train_seconds, "budget_steps": result.budget_steps,
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
         "scaler": scaler.state_dict(), "sampler_rng": sampler.rng.bit_generator.state,
         "torch_rng": torch.get_rng_state(),

@@ -88,7 +88,7 @@ def test_a_run_resumed_from_a_saved_state_is_bit_identical_to_an_uninterrupted_o
     whole = train(cfg, tiny_store, save_state=keep)
     assert len(saved) == 3
     state = torch.load(io.BytesIO(saved[0]), weights_only=True)
-    assert state["step"] == 20
+    assert state["step"] == 20 and state["budget_steps"] == 60
     resumed = train(cfg, tiny_store, resume=state)
     assert resumed.history == whole.history
     assert resumed.steps_run == whole.steps_run == 60
@@ -118,3 +118,16 @@ def test_the_mean_std_floor_learns_in_a_few_steps(tiny_store):
     result = train(cfg, tiny_store)
     assert result.n_params == 2 * tiny_store.n_mels * tiny_store.n_classes + tiny_store.n_classes
     assert result.best_valid_acc > 3 / tiny_store.n_classes
+
+
+def test_a_time_budget_sizes_the_run_and_its_lr_schedule(tiny_store):
+    """train.max_minutes: after the first evaluation window the run is cut to the steps that fit at its own
+    measured speed (a whole number of evaluation windows), and the cosine reaches 0 there, not at max_steps."""
+    cfg = tiny_config(max_steps=1_000_000, valid_steps=10, warmup_steps=5, max_minutes=0.04)
+    result = train(cfg, tiny_store)
+    assert 10 < result.budget_steps < 1_000_000 and result.budget_steps % 10 == 0
+    assert result.steps_run == result.budget_steps == result.history[-1]["step"]
+    assert result.history[-1]["lr"] < 1e-3 * cfg.train.lr  # the schedule ended with the budget
+    assert result.history[0]["lr"] > 0.5 * cfg.train.lr  # and was not cut short at the start
+    untimed = train(tiny_config(max_steps=40, valid_steps=20), tiny_store)
+    assert untimed.budget_steps == untimed.steps_run == 40
