@@ -10,7 +10,6 @@ from models.registry import ACTIVATIONS, CLASSIFIERS, ENCODERS, HEADS, LOSSES, P
 @dataclass(frozen=True)
 class ModelConfig:
     encoder: str = "transformer"  # or "conformer", or "none": no sequence model (pooling sees the frames)
-    prenet: bool = True  # a linear projection n_mels -> d_model first; false (encoder "none" only): raw features
     d_model: int = 80
     nhead: int = 2
     n_layers: int = 1
@@ -24,6 +23,7 @@ class ModelConfig:
     label_smoothing: float = 0.0
     # Conformer and front end (issue 3); `dropout` is the feed-forward/residual dropout of every encoder.
     subsample: bool = False  # two stride-2 convolutions before the encoder (T -> about T/4)
+    prenet: bool = True  # a linear projection n_mels -> d_model first; false (encoder "none" only): raw features
     conv_kernel: int = 31  # Conformer depthwise convolution kernel size (odd)
     conv_expansion: int = 2  # Conformer pointwise expansion before the GLU
     attn_dropout: float = 0.1  # Conformer attention-weight dropout
