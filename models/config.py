@@ -34,6 +34,7 @@ class ModelConfig:
     scale: float = 30.0  # logits = scale * cosine for the cosine classifier
     margin: float = 0.2  # AM-Softmax (cos - m) / AAM-Softmax (cos(theta + m))
     margin_warmup_steps: int = 0  # margin grows linearly from 0 over these steps
+    margin_warmup_fraction: float = 0.0  # ... or over this fraction of the run's steps (scales with the budget)
 
     def __post_init__(self) -> None:
         for key in ("encoder", "pooling", "head", "head_activation", "loss", "classifier"):
@@ -60,6 +61,11 @@ class ModelConfig:
         _require(_is_number(self.margin) and 0 <= self.margin < 1, "margin", self.margin, "a number in [0, 1)")
         _require(isinstance(self.margin_warmup_steps, int) and self.margin_warmup_steps >= 0,
                  "margin_warmup_steps", self.margin_warmup_steps, "an integer >= 0")
+        _require(_is_number(self.margin_warmup_fraction) and 0 <= self.margin_warmup_fraction <= 1,
+                 "margin_warmup_fraction", self.margin_warmup_fraction, "a number in [0, 1]")
+        if self.margin_warmup_fraction and self.margin_warmup_steps:
+            raise ConfigError("model.margin_warmup_steps and model.margin_warmup_fraction both set; give one "
+                              "(a fraction scales with train.max_steps)")
         for key in ("dropout", "head_dropout", "label_smoothing", "attn_dropout", "conv_dropout"):
             value = getattr(self, key)
             _require(_is_number(value) and 0 <= value < 1, key, value, "a number in [0, 1)")

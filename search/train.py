@@ -113,11 +113,12 @@ def train(
     result = TrainResult(0.0, 0, 0, False, count_parameters(model), flops, 0.0, 0.0, str(device))
     loss_sum, loss_steps, train_seconds, tick = torch.zeros((), device=device), 0, 0.0, time.perf_counter()
     set_margin_step = getattr(model.criterion, "set_step", None)  # margin losses' warm-up
-    step, result.budget_steps, wall_start = 0, t.max_steps, time.perf_counter()
+    step, wall_start = 0, time.perf_counter()
+    _size_run(cfg, model, schedule, result, t.max_steps)
     if resume is not None:
         step = _restore(resume, cfg, store, model, optimizer, schedule, scaler, sampler, result)
         train_seconds = resume["train_seconds"]
-        _size_schedule(schedule, t, result, resume.get("budget_steps", t.max_steps))
+        _size_run(cfg, model, schedule, result, resume.get("budget_steps", t.max_steps))
     model.train()
     while step < result.budget_steps:
         step += 1
@@ -155,7 +156,7 @@ def train(
         loss_steps = 0
         if t.max_minutes and len(result.history) == 1 and resume is None:  # sized once, on the first window
             fits = int(step * t.max_minutes * 60 / (time.perf_counter() - wall_start))
-            _size_schedule(schedule, t, result, max(step, min(t.max_steps, fits) // t.valid_steps * t.valid_steps))
+            _size_run(cfg, model, schedule, result, max(step, min(t.max_steps, fits) // t.valid_steps * t.valid_steps))
         if on_eval is not None:
             on_eval(result.history[-1])
         if accuracy > result.best_valid_acc or not result.best_state:
@@ -172,11 +173,14 @@ def train(
     return result
 
 
-def _size_schedule(schedule, t, result: TrainResult, budget_steps: int) -> None:
-    """Run `budget_steps` steps in all, with the LR schedule's cosine ending there (not at max_steps)."""
+def _size_run(cfg: RunConfig, model: SpeakerClassifier, schedule, result: TrainResult, budget_steps: int) -> None:
+    """Run `budget_steps` steps in all: the LR cosine ends there (not at max_steps), and a margin warm-up
+    given as a fraction lasts that fraction of them."""
     result.budget_steps = budget_steps
-    if budget_steps != t.max_steps:
-        schedule.lr_lambdas[0] = warmup_cosine(t.warmup_steps, budget_steps)
+    if budget_steps != cfg.train.max_steps:
+        schedule.lr_lambdas[0] = warmup_cosine(cfg.train.warmup_steps, budget_steps)
+    if cfg.model.margin_warmup_fraction and hasattr(model.criterion, "warmup_steps"):
+        model.criterion.warmup_steps = max(1, round(cfg.model.margin_warmup_fraction * budget_steps))
 
 
 def training_state(cfg: RunConfig, store: PackedStore, model: SpeakerClassifier, optimizer, schedule, scaler,

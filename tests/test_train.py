@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from data.batches import fixed_valid_batches, split
-from models import ModelConfig, build_model
+from models import ConfigError, ModelConfig, build_model
 from search.config import DataConfig, RunConfig, TrainConfig
 from search.train import NonFiniteLossError, evaluate, train, warmup_cosine
 
@@ -131,3 +131,25 @@ def test_a_time_budget_sizes_the_run_and_its_lr_schedule(tiny_store):
     assert result.history[0]["lr"] > 0.5 * cfg.train.lr  # and was not cut short at the start
     untimed = train(tiny_config(max_steps=40, valid_steps=20), tiny_store)
     assert untimed.budget_steps == untimed.steps_run == 40
+
+
+def test_a_margin_warmup_fraction_scales_with_the_budget():
+    """margin_warmup_fraction: the AM-Softmax margin warms up over that share of the steps the run really gets
+    (max_steps, or what a time budget leaves), so a CPU-sized run does not end with half a margin."""
+    from types import SimpleNamespace
+
+    from search.train import _size_run
+
+    cfg = RunConfig(model=ModelConfig(d_model=16, nhead=2, loss="am_softmax", classifier="cosine",
+                                      margin_warmup_fraction=0.25), train=TrainConfig(max_steps=400))
+    model = build_model(cfg.model, 8, 4)
+    schedule = torch.optim.lr_scheduler.LambdaLR(torch.optim.AdamW(model.parameters()), lambda step: 1.0)
+    result = SimpleNamespace(budget_steps=0)
+    _size_run(cfg, model, schedule, result, 400)
+    assert model.criterion.warmup_steps == 100
+    _size_run(cfg, model, schedule, result, 120)  # a time budget cut the run to 120 steps
+    assert model.criterion.warmup_steps == 30 and result.budget_steps == 120
+    model.criterion.set_step(30)
+    assert model.criterion.current_margin == pytest.approx(0.2)
+    with pytest.raises(ConfigError, match="margin_warmup_steps and model.margin_warmup_fraction both set"):
+        ModelConfig(loss="am_softmax", classifier="cosine", margin_warmup_steps=10, margin_warmup_fraction=0.1)
