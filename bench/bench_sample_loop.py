@@ -1,0 +1,191 @@
+"""train() vs a faithful re-implementation of the official HW4 sample loop, in steps per CPU-second.
+
+The sample loop: a Dataset that torch.load()s each utterance's .pt file and takes a random segment_len crop,
+a DataLoader (batch 32, shuffle) whose collate pads with -20 (no mask), the model, CrossEntropy, AdamW with
+linear warm-up then cosine. Its d80 model is the sample's Classifier (prenet, one batch-first
+TransformerEncoderLayer with feed-forward 256, mean over time, Linear-ReLU-Linear); for d512 and the
+Conformer d256 both loops train the same build_model() model (the sample loop calls it without a mask).
+train() runs from the packed store with its masks, fixed validation once at the end (not timed in steps).
+
+Each (model, loop) runs in its own process pinned to one core with one torch thread, interleaved over
+--rounds; the best round counts (machines here are shared). Ratios are train() / sample loop, same run.
+
+Run from the repository root:  python -m bench.bench_sample_loop [--steps 60] [--rounds 2]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = {
+    "sample d80": {"d_model": 80, "nhead": 2, "ff_mult": 3.2, "dropout": 0.1, "head": "mlp-80"},
+    "transformer d512": {"d_model": 512, "nhead": 8, "ff_mult": 4.0, "dropout": 0.1, "head": "mlp-512"},
+    "conformer d256": {"encoder": "conformer", "d_model": 256, "nhead": 4, "ff_mult": 4.0, "dropout": 0.1},
+}
+
+
+def sample_loop(data: Path, model_name: str, steps: int) -> float:
+    """CPU seconds per step of the sample code's loop (after 5 warm-up steps)."""
+    import math
+    import random
+
+    import torch
+    from torch import nn
+    from torch.nn.utils.rnn import pad_sequence
+    from torch.utils.data import DataLoader, Dataset
+
+    from models import ModelConfig, build_model
+
+    class MyDataset(Dataset):
+        def __init__(self, root: Path, segment_len: int = 128) -> None:
+            self.root, self.segment_len = root, segment_len
+            mapping = json.loads((root / "mapping.json").read_text())["speaker2id"]
+            meta = json.loads((root / "metadata.json").read_text())["speakers"]
+            self.data = [(u["feature_path"], mapping[s]) for s, us in meta.items() for u in us]
+
+        def __len__(self) -> int:
+            return len(self.data)
+
+        def __getitem__(self, index: int):
+            path, speaker = self.data[index]
+            mel = torch.load(self.root / path)
+            if len(mel) > self.segment_len:
+                start = random.randint(0, len(mel) - self.segment_len)
+                mel = mel[start:start + self.segment_len]
+            return mel.float(), torch.LongTensor([speaker]).long()
+
+        def get_speaker_number(self) -> int:
+            return len(json.loads((self.root / "mapping.json").read_text())["speaker2id"])
+
+    def collate_batch(batch):
+        mel, speaker = zip(*batch, strict=True)
+        return pad_sequence(mel, batch_first=True, padding_value=-20), torch.FloatTensor(speaker).long()
+
+    class Classifier(nn.Module):  # the sample's, batch-first
+        def __init__(self, d_model: int = 80, n_spks: int = 600, dropout: float = 0.1) -> None:
+            super().__init__()
+            self.prenet = nn.Linear(40, d_model)
+            self.encoder_layer = nn.TransformerEncoderLayer(d_model=d_model, dim_feedforward=256, nhead=2,
+                                                            dropout=dropout, batch_first=True)
+            self.pred_layer = nn.Sequential(nn.Linear(d_model, d_model), nn.ReLU(), nn.Linear(d_model, n_spks))
+
+        def forward(self, mels):
+            out = self.encoder_layer(self.prenet(mels))
+            return self.pred_layer(out.mean(dim=1))
+
+    class Unmasked(nn.Module):  # one of our models, called the sample's way: padded with -20, no mask
+        def __init__(self, cfg: ModelConfig, n_spks: int) -> None:
+            super().__init__()
+            self.model = build_model(cfg, 40, n_spks)
+
+        def forward(self, mels):
+            return self.model(mels, torch.full((len(mels),), mels.shape[1]))
+
+    def warmup_cosine(optimizer, warmup: int, total: int):
+        def factor(step: int) -> float:
+            if step < warmup:
+                return step / max(1, warmup)
+            progress = (step - warmup) / max(1, total - warmup)
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    torch.manual_seed(0)
+    dataset = MyDataset(data)
+    loader = DataLoader(dataset, batch_size=32, shuffle=True, drop_last=True, collate_fn=collate_batch)
+    n_spks = dataset.get_speaker_number()
+    model = (Classifier(n_spks=n_spks) if model_name == "sample d80"
+             else Unmasked(ModelConfig(**MODELS[model_name]), n_spks))
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = warmup_cosine(optimizer, 1000, 70000)
+    model.train()
+    done, start = 0, 0.0
+    while done < steps + 5:
+        for mels, labels in loader:
+            if done == 5:
+                start = time.process_time()
+            loss = criterion(model(mels), labels)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            done += 1
+            if done == steps + 5:
+                break
+    return (time.process_time() - start) / steps
+
+
+def project_loop(data: Path, model_name: str, steps: int) -> float:
+    """CPU seconds per step of search.train.train() on the same model, data and batch (validation excluded)."""
+    import time as clock
+
+    from data import open_store
+    from models import ModelConfig
+    from search.config import DataConfig, RunConfig, TrainConfig
+    from search.train import train
+
+    store = open_store(data)
+    cfg = RunConfig(model=ModelConfig(**MODELS[model_name]),
+                    train=TrainConfig(max_steps=steps + 5, valid_steps=steps + 5, warmup_steps=1000, seed=0),
+                    data=DataConfig(valid_fraction=0.02))
+    marks: list[float] = []
+    count = [0]
+
+    def on_step() -> None:  # before steps 6 and steps + 5: the CPU time of steps 6 .. steps + 4, no validation
+        count[0] += 1
+        if count[0] in (6, steps + 5):
+            marks.append(clock.process_time())
+
+    result = train(cfg, store, device="cpu", on_step=on_step)
+    assert result.steps_run == steps + 5 and len(marks) == 2
+    return (marks[1] - marks[0]) / (steps - 1)
+
+
+def child(args: argparse.Namespace) -> None:
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    import torch
+
+    torch.set_num_threads(1)
+    loop = sample_loop if args.loop == "sample" else project_loop
+    print(json.dumps({"s_per_step": loop(Path(args.data), args.model, args.steps)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--loop", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.loop:
+        return child(args)
+    from data.synthetic import make_synthetic
+
+    data = make_synthetic(Path(tempfile.mkdtemp(prefix="bench_sample-")) / "ds", speakers=60,
+                          utterances_per_speaker=20, seed=0, n_mels=40)
+    best: dict[tuple[str, str], float] = {}
+    for _ in range(args.rounds):
+        for model in args.models.split(","):
+            for loop in ("sample", "project"):
+                out = subprocess.run([sys.executable, "-m", "bench.bench_sample_loop", "--loop", loop, "--model", model,
+                                      "--data", str(data), "--steps", str(args.steps)], cwd=ROOT, check=True,
+                                     capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                s = json.loads(out.stdout.strip().splitlines()[-1])["s_per_step"]
+                best[model, loop] = min(best.get((model, loop), float("inf")), s)
+    print(f"one pinned core, 1 torch thread, batch 32 x 128 frames, 60 speakers, {args.steps} timed steps, "
+          f"best of {args.rounds} rounds; steps per CPU-second")
+    print(f"{'model':<18} {'sample loop':>12} {'train()':>10} {'ratio':>7}")
+    for model in args.models.split(","):
+        sample, project = 1 / best[model, "sample"], 1 / best[model, "project"]
+        print(f"{model:<18} {sample:12.2f} {project:10.2f} {project / sample:6.2f}x")
+
+
+if __name__ == "__main__":
+    main()
