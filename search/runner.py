@@ -274,6 +274,7 @@ def _run_one(study: optuna.Study, objective: Callable[[optuna.Trial], float], ga
     ran: list[int] = []
 
     def wrapped(trial: optuna.Trial) -> float:
+        _first_heartbeat(trial)
         gate.release()
         ran.append(trial.number)
         try:
@@ -293,6 +294,15 @@ def _run_one(study: optuna.Study, objective: Callable[[optuna.Trial], float], ga
 
     study.optimize(wrapped, n_trials=1, catch=(TrialFailed,), gc_after_trial=GC_AFTER_TRIAL)
     return ran[0] if ran else None
+
+
+def _first_heartbeat(trial: optuna.Trial) -> None:
+    """Record the trial's heartbeat now, before any of its work. Optuna's heartbeat thread records its first
+    one asynchronously: on a busy SQLite file it was seen to lag so long that a worker killed mid-trial left a
+    trial with no heartbeat at all, which is never reaped (so never retried, and every worker waited for it)."""
+    storage = trial.study._storage
+    if getattr(storage, "get_heartbeat_interval", lambda: None)() is not None:
+        storage.record_heartbeat(trial._trial_id)
 
 
 def _failures_in_row(trials: list[FrozenTrial], k: int) -> str:

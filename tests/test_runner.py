@@ -194,3 +194,25 @@ def test_the_deadline_stops_a_running_trial_at_its_next_evaluation(tmp_path, tin
     assert stopped % 10 == 0 and stopped == trial.user_attrs["steps_run"] == max(trial.intermediate_values)
     assert 0 < stopped < 100000 and trial.value == max(trial.intermediate_values.values())
     assert late < 2.0  # one 10-step evaluation window past the deadline, not a 100,000-step trial
+
+
+def test_a_trial_has_a_heartbeat_before_its_objective_runs(tmp_path, monkeypatch):
+    """Optuna's heartbeat thread records asynchronously (on a busy SQLite file it lagged until a worker was killed
+    mid-trial: a trial with no heartbeat is never reaped). The runner records one before the objective runs;
+    here Optuna's thread records nothing at all, as if it lagged forever."""
+    from optuna.storages._heartbeat import NullHeartbeatThread
+
+    from search.status import heartbeat_ages
+    from search.storage import open_storage
+
+    monkeypatch.setattr(optuna.study._optimize, "get_heartbeat_thread", lambda *a: NullHeartbeatThread())
+    study = optuna.create_study(study_name="hb", storage=open_storage(f"sqlite:///{tmp_path / 'hb.db'}", 1, 3),
+                                direction="maximize")
+    seen = []
+
+    def objective(trial):
+        seen.append(heartbeat_ages(study).get(trial.number))
+        return 1.0
+
+    runner.run_trials(study, objective, search_plan(2), log=lambda _: None)
+    assert len(seen) == 2 and all(age is not None and age < 60 for age in seen)
