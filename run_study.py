@@ -324,6 +324,7 @@ def _say_done(args, spec, study, stats, url: str, top: int) -> None:
     from reports import DEFAULT_FORMATS, write_report
     from reports.tables import budget_starved
     from search.checkpoints import best_checkpoint_id
+    from search.progress import params_text
 
     text, paths = write_report(study, Path("results") / spec.name, top or 10, DEFAULT_FORMATS)
     trials = study.get_trials(deepcopy=False)
@@ -334,8 +335,7 @@ def _say_done(args, spec, study, stats, url: str, top: int) -> None:
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     if complete and top:
         best = study.best_trial
-        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
-        print(f"best: trial {best.number}, valid_acc {best.value:.4f} ({params})")
+        print(f"best: trial {best.number}, valid_acc {best.value:.4f} ({params_text(best.params)})")
         if best_checkpoint_id(study, best):
             print(f"checkpoint: trial-{best.number}-best.pt in {study.user_attrs.get('artifacts')}")
         starved = budget_starved(study)

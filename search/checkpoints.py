@@ -23,9 +23,8 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import FrozenTrial
 
 from search.spec import SpecError
-from search.storage import sqlite_path
+from search.storage import ARTIFACTS_PREFIX, sqlite_path
 
-ARTIFACTS_PREFIX = "artifacts:"  # optuna.artifacts' system-attr prefix
 CHECKPOINT_FORMAT = 1
 STUDY_ATTR = "artifacts"  # study user attr: where this study's artifacts live
 
@@ -151,10 +150,6 @@ class TrialCheckpoints:
         self.trial, self.store, self.log = trial, artifact_store, log
         self.storage = trial.study._storage
         self.latest_id: str | None = None
-        # Optuna's heartbeat retry copies the dead trial's system attrs: its artifacts stay the dead trial's.
-        for name, artifact_id in artifacts(trial, self.storage).items():
-            if not name.startswith(f"trial-{trial.number}-"):
-                self.storage.set_trial_system_attr(trial._trial_id, ARTIFACTS_PREFIX + artifact_id, json.dumps(None))
 
     def resume_state(self, resumable: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
         """The newest loadable latest state of the trial(s) this one retries, if it continues this run."""

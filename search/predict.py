@@ -3,6 +3,7 @@ Kaggle HW4 format (Id,Category: feature_path, speaker name), scored against a la
 from __future__ import annotations
 
 import csv
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
+from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 
 from data import DataError
@@ -42,27 +44,28 @@ def from_file(path: Path) -> Checkpoint:
 
 
 def from_study(study: optuna.Study, trial: str | None, top_k: int | None) -> list[Checkpoint]:
-    """The best checkpoints of --trial (best by default) or of the top-k complete trials."""
-    storage_trials = study.get_trials(deepcopy=False)
+    """The best checkpoints of --trial (best by default) or of the top-k complete trials that have one."""
     if top_k is not None:
-        ranked = sorted((t for t in storage_trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)
-        chosen = [t for t in ranked if best_checkpoint_id(study, t)][:top_k]
+        ranked = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: -t.value)
+        found = ((t, best_checkpoint_id(study, t)) for t in ranked)  # lazily: one storage read per trial taken
+        chosen = list(itertools.islice(((t, i) for t, i in found if i), top_k))
         if len(chosen) < top_k:
             raise SpecError(f"--top-k {top_k}: study {study.study_name!r} has only {len(chosen)} complete trial(s) "
                             "with a checkpoint")
     else:
-        chosen = [pick_trial(study, trial or "best")]
+        picked = pick_trial(study, trial or "best")
+        chosen = [(picked, best_checkpoint_id(study, picked))]
+        if chosen[0][1] is None:
+            raise SpecError(f"trial {picked.number} of study {study.study_name!r} has no checkpoint "
+                            f"({picked.state.name})")
     store = study_artifact_store(study)
     checkpoints = []
-    for t in chosen:
-        artifact_id = best_checkpoint_id(study, t)
-        if artifact_id is None:
-            raise SpecError(f"trial {t.number} of study {study.study_name!r} has no checkpoint ({t.state.name})")
+    for t, artifact_id in chosen:
         try:
             checkpoints.append(Checkpoint(f"{study.study_name}/trial {t.number}", load(store, artifact_id)))
-        except FileNotFoundError:
+        except ArtifactNotFound:
             raise SpecError(f"trial {t.number}'s checkpoint is missing from the artifact store "
-                            f"({study.user_attrs.get('artifacts')})") from None
+                            f"{study.user_attrs.get('artifacts')} (artifact {artifact_id})") from None
     return checkpoints
 
 

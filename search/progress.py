@@ -65,9 +65,8 @@ class Progress:
             self.trial_bar = tqdm(total=max_steps, initial=resumed_from, desc=f"trial {number}", unit="step",
                                   position=1, file=self.stream, dynamic_ncols=True, leave=False)
         elif self.mode == LINES:
-            said = ", ".join(f"{k}={_short(v)}" for k, v in params.items())
-            self._line(f"trial {number} started ({said})" + (f", resuming at step {resumed_from}" if resumed_from
-                                                              else ""))
+            resuming = f", resuming at step {resumed_from}" if resumed_from else ""
+            self._line(f"trial {number} started ({params_text(params)}){resuming}")
 
     def step(self) -> None:
         if self.trial_bar is not None:
@@ -134,8 +133,9 @@ def format_exception(err: BaseException) -> str:
     return "".join(traceback.format_exception(err))
 
 
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+def params_text(params: dict[str, Any]) -> str:
+    """A trial's parameters on one line: d_model=64, lr=0.003469 (floats to 4 significant digits)."""
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
 def _value(value: float | None) -> str:

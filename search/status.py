@@ -8,6 +8,8 @@ import sqlalchemy as sa
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from search.progress import params_text
+
 STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what --n-trials counts (search.runner.search_plan)
 TARGET_ATTR = "target_trials"  # study user attr: the finished-trial target of the last `search` command
@@ -32,7 +34,7 @@ def study_status(study: optuna.Study, now: float) -> str:
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if complete:
         best = study.best_trial
-        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
+        params = params_text(best.params)
         lines.append(f"best: #{best.number} value {best.value:.4f} ({params})")
     lines.append(_progress(study, trials, len(running)))
     return "\n".join(lines)

@@ -5,6 +5,7 @@ same moment: creating the schema and the study are retried when another process 
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import random
@@ -22,6 +23,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from search.spec import SpecError, StudySpec
 
+ARTIFACTS_PREFIX = "artifacts:"  # optuna.artifacts' trial system-attr prefix (one per artifact)
 MAX_RETRY = 2  # a trial whose worker died (no heartbeat) is re-run with the same parameters at most this often
 RACE_ATTEMPTS = 12  # schema/study creation attempts when other processes create the same storage at once
 # A bare dialect picks SQLAlchemy's default driver, which may not be installed (SQLAlchemy 2.1: psycopg 3
@@ -60,6 +62,18 @@ def sqlite_path(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a trial whose worker died (same parameters), without what belonged to that attempt:
+    its user attrs (worker, results) and its artifacts (the dead trial keeps its checkpoint; the retry finds
+    it through retry_history and continues from it)."""
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        attempt = copy.copy(trial)
+        attempt.user_attrs = {}
+        attempt.system_attrs = {k: v for k, v in trial.system_attrs.items() if not k.startswith(ARTIFACTS_PREFIX)}
+        super().__call__(study, attempt)
+
+
 def open_storage(url: str, heartbeat_interval: int = 30, grace_period: int = 120) -> RDBStorage:
     """An RDB storage with heartbeats, so trials of a killed worker are failed and retried, not left RUNNING."""
     if not url.startswith(("sqlite:", "postgresql", "mysql", "mariadb")):
@@ -77,7 +91,7 @@ def open_storage(url: str, heartbeat_interval: int = 30, grace_period: int = 120
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=heartbeat_interval,
                 grace_period=grace_period,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+                heartbeat_stale_trial_callback=RetryStaleTrial(max_retry=MAX_RETRY),
             )
 
     try:

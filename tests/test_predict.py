@@ -103,7 +103,8 @@ def test_a_trials_best_artifact_is_what_predict_uses(searched):
 
 
 @pytest.mark.parametrize("case", ["other_mels", "no_testdata", "garbage_file", "bad_trial", "bad_set",
-                                  "pickled_code", "missing_labels"])
+                                  "pickled_code", "missing_labels", "other_data", "train_other_data",
+                                  "missing_checkpoint"])
 def test_bad_input_is_one_line_and_exit_2(searched, tiny_synthetic, hw4_folder, case, tmp_path, capsys):
     study = str(searched / "studies/fit.toml")
     data = str(tiny_synthetic)
@@ -116,10 +117,17 @@ def test_bad_input_is_one_line_and_exit_2(searched, tiny_synthetic, hw4_folder, 
         "bad_set": ["train", study, "--data", data, "--set", "train.max_stepz=5"],
         "pickled_code": ["predict", str(_pickled(tmp_path / "evil.pt")), "--data", data, *out],
         "missing_labels": ["predict", study, "--data", data, "--labels", str(tmp_path / "none.csv"), *out],
+        "other_data": ["predict", study, "--data", str(_one_test_utterance_less(tiny_synthetic, tmp_path)), *out],
+        "train_other_data": ["train", study, "--data", str(_one_test_utterance_less(tiny_synthetic, tmp_path)),
+                             "--out", str(tmp_path / "f.pt")],
+        "missing_checkpoint": ["predict", str(_without_best_checkpoint(searched, tmp_path)), "--storage",
+                               f"sqlite:///{tmp_path / 'copy.db'}", "--data", data, *out],
     }[case]
     expected = {"other_mels": "n_mels", "no_testdata": "testdata.json", "garbage_file": "x.pt",
                 "bad_trial": "--trial '99'", "bad_set": "max_stepz", "pickled_code": "evil.pt",
-                "missing_labels": "none.csv"}[case]
+                "missing_labels": "none.csv", "other_data": "--other-data predicts anyway",
+                "train_other_data": "not the dataset study 'fit' was run on",
+                "missing_checkpoint": "checkpoint is missing from the artifact store"}[case]
     if case == "other_mels":  # as a user meets it: a process, its stderr and exit code
         run = cli(*args, cwd=searched, check=False)
         code, err = run.returncode, run.stderr
@@ -132,6 +140,16 @@ def test_bad_input_is_one_line_and_exit_2(searched, tiny_synthetic, hw4_folder, 
     assert "pickled code ran" not in capsys.readouterr().out
     if case != "missing_labels":
         assert not (tmp_path / "s.csv").exists()  # nothing written before the input is known good
+    assert not (tmp_path / "f.pt").exists()
+
+
+def test_other_data_of_the_same_speakers_is_predicted_when_asked(searched, tiny_synthetic, tmp_path):
+    other = _one_test_utterance_less(tiny_synthetic, tmp_path)
+    out = tmp_path / "other.csv"
+    assert run_study.main(["predict", str(searched / "studies/fit.toml"), "--data", str(other), "--other-data",
+                           "--out", str(out)]) == 0
+    expected = json.loads((other / "testdata.json").read_text())["utterances"]
+    assert [r[0] for r in _rows(out)[1:]] == [u["feature_path"] for u in expected]
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -143,6 +161,27 @@ def _without_testdata(root: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "notest"
     shutil.copytree(root, copy, ignore=shutil.ignore_patterns(".hw4pack", "testdata.json"))
     return copy
+
+
+def _one_test_utterance_less(root: Path, tmp_path: Path) -> Path:
+    """Same speakers and n_mels, another dataset (its fingerprint differs): the last test utterance dropped."""
+    copy = tmp_path / "other"
+    if not copy.exists():
+        shutil.copytree(root, copy, ignore=shutil.ignore_patterns(".hw4pack"))
+        test = json.loads((copy / "testdata.json").read_text())
+        test["utterances"] = test["utterances"][:-1]
+        (copy / "testdata.json").write_text(json.dumps(test))
+    return copy
+
+
+def _without_best_checkpoint(searched: Path, tmp_path: Path) -> str:
+    """A copy of the study whose best trial's checkpoint file is gone from its (copied) artifact folder."""
+    shutil.copy(searched / "studies/fit.db", tmp_path / "copy.db")
+    shutil.copytree(searched / "studies/fit.artifacts", tmp_path / "copy.artifacts")
+    study = optuna.load_study(study_name="fit", storage=f"sqlite:///{tmp_path / 'copy.db'}")
+    study.set_user_attr("artifacts", str(tmp_path / "copy.artifacts"))
+    (tmp_path / "copy.artifacts" / best_checkpoint_id(study, study.best_trial)).unlink()
+    return "fit"
 
 
 class _Evil:

@@ -14,22 +14,11 @@ from search.spec import load_spec
 from search.study import create_or_resume
 from search.study import run_study as run_search
 from tests.conftest import write_study
+from tests.test_workers import fixed
 
-SPACE = """
-[model]
-d_model = 16
-nhead = 2
-ff_mult = 2.0
-dropout = 0.0
-loss = {loss}
-[train]
-max_steps = 20
-valid_steps = 10
-warmup_steps = 5
-segment_len = 32
-batch_size = 16
-lr = 3e-3
-"""
+# test_workers' fixed space, shorter (20 steps, evaluated every 10), with the loss to fill in
+SPACE = (fixed(20).replace("valid_steps = 20", "valid_steps = 10")
+         .replace("dropout = 0.0\n", "dropout = 0.0\nloss = {loss}\n"))
 
 
 def frozen(state: TrialState, **params) -> optuna.trial.FrozenTrial:
