@@ -4,13 +4,17 @@ The sample loop: a Dataset that torch.load()s each utterance's .pt file and take
 a DataLoader (batch 32, shuffle) whose collate pads with -20 (no mask), the model, CrossEntropy, AdamW with
 linear warm-up then cosine. Its d80 model is the sample's Classifier (prenet, one batch-first
 TransformerEncoderLayer with feed-forward 256, mean over time, Linear-ReLU-Linear); for d512 and the
-Conformer d256 both loops train the same build_model() model (the sample loop calls it without a mask).
+Conformer d256 both loops train the same build_model() model (the sample loop calls it without a mask, and with
+torch's stock nn.Dropout and nn.TransformerEncoderLayer, as the sample code would, in place of models.dropout's).
 train() runs from the packed store with its masks, fixed validation once at the end (not timed in steps).
 
 Each (model, loop) runs in its own process pinned to one core with one torch thread, interleaved over
 --rounds; the best round counts (machines here are shared). Ratios are train() / sample loop, same run.
 
-Run from the repository root:  python -m bench.bench_sample_loop [--steps 60] [--rounds 2]
+On a GPU (--device cuda) both loops run there unpinned, timed in wall seconds (synchronised), and the numbers are
+steps per second; train() uses its default mixed precision there, the sample loop fp32, as the sample code does.
+
+Run from the repository root:  python -m bench.bench_sample_loop [--steps 60] [--rounds 2] [--device cuda]
 """
 import argparse
 import json
@@ -29,8 +33,8 @@ MODELS = {
 }
 
 
-def sample_loop(data: Path, model_name: str, steps: int) -> float:
-    """CPU seconds per step of the sample code's loop (after 5 warm-up steps)."""
+def sample_loop(data: Path, model_name: str, steps: int, device: str = "cpu") -> float:
+    """Seconds per step of the sample code's loop (after 5 warm-up steps): CPU seconds, wall seconds on CUDA."""
     import math
     import random
 
@@ -40,6 +44,8 @@ def sample_loop(data: Path, model_name: str, steps: int) -> float:
     from torch.utils.data import DataLoader, Dataset
 
     from models import ModelConfig, build_model
+    from models.components import TransformerEncoderLayer
+    from models.dropout import Dropout
 
     class MyDataset(Dataset):
         def __init__(self, root: Path, segment_len: int = 128) -> None:
@@ -78,13 +84,29 @@ def sample_loop(data: Path, model_name: str, steps: int) -> float:
             out = self.encoder_layer(self.prenet(mels))
             return self.pred_layer(out.mean(dim=1))
 
-    class Unmasked(nn.Module):  # one of our models, called the sample's way: padded with -20, no mask
+    def stock(module: nn.Module) -> nn.Module:
+        """The same model written with torch's stock layers, as the sample code would: nn.Dropout and
+        nn.TransformerEncoderLayer (same weights) in place of models.dropout's cheaper CPU dropout."""
+        for name, child in module.named_children():
+            if isinstance(child, TransformerEncoderLayer):
+                layer = nn.TransformerEncoderLayer(child.linear1.in_features, child.self_attn.num_heads,
+                                                   dim_feedforward=child.linear1.out_features,
+                                                   dropout=child.dropout.p, batch_first=True)
+                layer.load_state_dict(child.state_dict())
+                setattr(module, name, layer)
+            elif isinstance(child, Dropout):
+                setattr(module, name, nn.Dropout(child.p))
+            else:
+                stock(child)
+        return module
+
+    class Unmasked(nn.Module):  # one of our models, stock layers, called the sample's way: padded with -20, no mask
         def __init__(self, cfg: ModelConfig, n_spks: int) -> None:
             super().__init__()
-            self.model = build_model(cfg, 40, n_spks)
+            self.model = stock(build_model(cfg, 40, n_spks))
 
         def forward(self, mels):
-            return self.model(mels, torch.full((len(mels),), mels.shape[1]))
+            return self.model(mels, torch.full((len(mels),), mels.shape[1], device=mels.device))
 
     def warmup_cosine(optimizer, warmup: int, total: int):
         def factor(step: int) -> float:
@@ -99,7 +121,7 @@ def sample_loop(data: Path, model_name: str, steps: int) -> float:
     loader = DataLoader(dataset, batch_size=32, shuffle=True, drop_last=True, collate_fn=collate_batch)
     n_spks = dataset.get_speaker_number()
     model = (Classifier(n_spks=n_spks) if model_name == "sample d80"
-             else Unmasked(ModelConfig(**MODELS[model_name]), n_spks))
+             else Unmasked(ModelConfig(**MODELS[model_name]), n_spks)).to(device)
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = warmup_cosine(optimizer, 1000, 70000)
@@ -108,7 +130,8 @@ def sample_loop(data: Path, model_name: str, steps: int) -> float:
     while done < steps + 5:
         for mels, labels in loader:
             if done == 5:
-                start = time.process_time()
+                start = clock(device)
+            mels, labels = mels.to(device), labels.to(device)
             loss = criterion(model(mels), labels)
             loss.backward()
             optimizer.step()
@@ -117,12 +140,21 @@ def sample_loop(data: Path, model_name: str, steps: int) -> float:
             done += 1
             if done == steps + 5:
                 break
-    return (time.process_time() - start) / steps
+    return (clock(device) - start) / steps
 
 
-def project_loop(data: Path, model_name: str, steps: int) -> float:
-    """CPU seconds per step of search.train.train() on the same model, data and batch (validation excluded)."""
-    import time as clock
+def clock(device: str) -> float:
+    """CPU seconds on CPU (machines here are shared); wall seconds after a synchronise on CUDA."""
+    if device == "cpu":
+        return time.process_time()
+    import torch
+
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def project_loop(data: Path, model_name: str, steps: int, device: str = "cpu") -> float:
+    """Seconds per step of search.train.train() on the same model, data and batch (validation excluded)."""
 
     from data import open_store
     from models import ModelConfig
@@ -139,20 +171,21 @@ def project_loop(data: Path, model_name: str, steps: int) -> float:
     def on_step() -> None:  # before steps 6 and steps + 5: the CPU time of steps 6 .. steps + 4, no validation
         count[0] += 1
         if count[0] in (6, steps + 5):
-            marks.append(clock.process_time())
+            marks.append(clock(device))
 
-    result = train(cfg, store, device="cpu", on_step=on_step)
+    result = train(cfg, store, device=device, on_step=on_step)
     assert result.steps_run == steps + 5 and len(marks) == 2
     return (marks[1] - marks[0]) / (steps - 1)
 
 
 def child(args: argparse.Namespace) -> None:
-    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-    import torch
+    if args.device == "cpu":
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+        import torch
 
-    torch.set_num_threads(1)
+        torch.set_num_threads(1)
     loop = sample_loop if args.loop == "sample" else project_loop
-    print(json.dumps({"s_per_step": loop(Path(args.data), args.model, args.steps)}))
+    print(json.dumps({"s_per_step": loop(Path(args.data), args.model, args.steps, args.device)}))
 
 
 def main() -> None:
@@ -160,6 +193,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--loop", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -175,12 +209,17 @@ def main() -> None:
         for model in args.models.split(","):
             for loop in ("sample", "project"):
                 out = subprocess.run([sys.executable, "-m", "bench.bench_sample_loop", "--loop", loop, "--model", model,
-                                      "--data", str(data), "--steps", str(args.steps)], cwd=ROOT, check=True,
-                                     capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                      "--data", str(data), "--steps", str(args.steps), "--device", args.device],
+                                     cwd=ROOT, capture_output=True, text=True,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+                if out.returncode:
+                    sys.exit(f"{model} / {loop} loop failed:\n{out.stderr[-3000:]}")
                 s = json.loads(out.stdout.strip().splitlines()[-1])["s_per_step"]
                 best[model, loop] = min(best.get((model, loop), float("inf")), s)
-    print(f"one pinned core, 1 torch thread, batch 32 x 128 frames, 60 speakers, {args.steps} timed steps, "
-          f"best of {args.rounds} rounds; steps per CPU-second")
+    where = ("one pinned core, 1 torch thread" if args.device == "cpu" else
+             f"CUDA ({__import__('torch').cuda.get_device_name()}), wall time")
+    print(f"{where}, batch 32 x 128 frames, 60 speakers, {args.steps} timed steps, best of {args.rounds} rounds; "
+          f"steps per {'CPU-' if args.device == 'cpu' else ''}second")
     print(f"{'model':<18} {'sample loop':>12} {'train()':>10} {'ratio':>7}")
     for model in args.models.split(","):
         sample, project = 1 / best[model, "sample"], 1 / best[model, "project"]

@@ -8,12 +8,43 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from models.config import ModelConfig
+from models.dropout import Dropout, dropout
 from models.registry import ACTIVATIONS, CLASSIFIERS, ENCODERS, HEADS, LOSSES
 
 for _name, _cls in {"relu": nn.ReLU, "gelu": nn.GELU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "silu": nn.SiLU}.items():
     ACTIVATIONS.register(_name)(_cls)
+
+
+class TransformerEncoderLayer(nn.TransformerEncoderLayer):
+    """PyTorch's layer (same parameters, same state dict, same function) with cheaper dropout on CPU.
+
+    Training on CPU with attention dropout, torch's attention takes the math path and its dropout draws
+    one random number per attention weight; this is that math with models.dropout's masks instead.
+    Everywhere else (CUDA, inference, no attention dropout) it is torch's own code."""
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float) -> None:
+        super().__init__(d_model, nhead, dim_feedforward=dim_feedforward, dropout=dropout, batch_first=True)
+        self.dropout, self.dropout1, self.dropout2 = Dropout(dropout), Dropout(dropout), Dropout(dropout)
+
+    def _sa_block(self, x: torch.Tensor, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
+                  is_causal: bool = False) -> torch.Tensor:
+        attention = self.self_attn
+        if not (self.training and attention.dropout > 0 and x.device.type == "cpu" and attn_mask is None):
+            return super()._sa_block(x, attn_mask, key_padding_mask, is_causal)
+        (b, t, d), h = x.shape, attention.num_heads
+        q, k, v = F.linear(x, attention.in_proj_weight, attention.in_proj_bias).view(b, t, 3, h, d // h).unbind(2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, d/H)
+        scores = (q * (d // h) ** -0.5) @ k.transpose(-2, -1)  # (B, H, T, T)
+        if key_padding_mask is not None:  # bool (True = padded) or additive float, as torch accepts it
+            key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
+                                                 other_type=None, other_name="", target_type=x.dtype)
+            scores = scores + key_padding_mask[:, None, None, :]
+        weights = dropout(scores.softmax(-1), attention.dropout, True)
+        out = (weights @ v).transpose(1, 2).reshape(b, t, d)
+        return self.dropout1(attention.out_proj(out))
 
 
 class TransformerEncoder(nn.Module):
@@ -21,9 +52,7 @@ class TransformerEncoder(nn.Module):
 
     def __init__(self, d_model: int, nhead: int, n_layers: int, dim_feedforward: int, dropout: float) -> None:
         super().__init__()
-        layer = nn.TransformerEncoderLayer(
-            d_model, nhead, dim_feedforward=dim_feedforward, dropout=dropout, batch_first=True
-        )
+        layer = TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout)
         # The nested-tensor fast path drops padded positions and is not used in training anyway.
         self.layers = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
 
@@ -57,7 +86,7 @@ class MLPHead(nn.Sequential):
         for size in hidden:
             layers += [nn.Linear(in_dim, size), ACTIVATIONS.build(activation)]
             if dropout:
-                layers.append(nn.Dropout(dropout))
+                layers.append(Dropout(dropout))
             in_dim = size
         super().__init__(*layers)
         self.out_dim = in_dim

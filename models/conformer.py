@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from models.config import ModelConfig
+from models.dropout import Dropout
 from models.registry import ENCODERS
 
 
@@ -29,9 +30,9 @@ class FeedForward(nn.Sequential):
             nn.LayerNorm(d_model),
             nn.Linear(d_model, dim_feedforward),
             nn.SiLU(),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Linear(dim_feedforward, d_model),
-            nn.Dropout(dropout),
+            Dropout(dropout),
         )
 
 
@@ -76,7 +77,7 @@ class RelativeMultiHeadAttention(nn.Module):
         self.pos_bias_v = nn.Parameter(torch.empty(nhead, self.d_head))  # position bias
         nn.init.xavier_uniform_(self.pos_bias_u)
         nn.init.xavier_uniform_(self.pos_bias_v)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.out = nn.Linear(d_model, d_model)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -138,7 +139,7 @@ class ConvolutionModule(nn.Module):
         self.batch_norm = MaskedBatchNorm1d(channels=channels)
         self.activation = nn.SiLU()
         self.pointwise_out = nn.Linear(channels, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = self.glu(self.pointwise_in(self.norm(x)))  # (B, T, C)
@@ -157,7 +158,7 @@ class ConformerBlock(nn.Module):
         self.ff1 = FeedForward(d_model=d_model, dim_feedforward=dim_feedforward, dropout=dropout)
         self.attn_norm = nn.LayerNorm(d_model)
         self.attn = RelativeMultiHeadAttention(d_model=d_model, nhead=nhead, dropout=attn_dropout)
-        self.attn_dropout = nn.Dropout(dropout)  # residual dropout on the attention output
+        self.attn_dropout = Dropout(dropout)  # residual dropout on the attention output
         self.conv = ConvolutionModule(d_model=d_model, kernel_size=conv_kernel, expansion=conv_expansion,
                                       dropout=conv_dropout)
         self.ff2 = FeedForward(d_model=d_model, dim_feedforward=dim_feedforward, dropout=dropout)
