@@ -170,8 +170,9 @@ def _add_run_options(p: argparse.ArgumentParser, study_help: str, example: str) 
     loud.add_argument("-q", "--quiet", action="store_true", help="no progress; only failures and the summary")
     loud.add_argument("-v", "--verbose", action="store_true",
                       help="Optuna's own log lines too, and the whole report at the end")
-    p.add_argument("--workers", default="1", metavar="N",
-                   help="local worker processes on this study ('auto' = one per usable core); each "
+    p.add_argument("--workers", metavar="N",
+                   help="local worker processes on this study ('auto' = one per usable core; default: "
+                        "study.workers, else 1); each "
                         "gets cores // N torch threads and its own cores. More machines: run the same command "
                         "there with the same --storage")
     for hidden in ("--worker-id", "--threads"):  # set by the parent for its workers
@@ -274,7 +275,7 @@ def _run(args, spec, timeout, setup, run, top: int, target, open_study=None) -> 
 
     optuna.logging.set_verbosity(optuna.logging.INFO if args.verbose else optuna.logging.WARNING)  # we say it
     try:
-        n_workers = parse_workers(args.workers)
+        n_workers = parse_workers(args.workers or spec.workers or "1")
     except ValueError as err:
         raise SpecError(str(err)) from None
     make_sampler(spec), make_pruner(spec)  # bad arguments: one line now, before any data or storage work

@@ -19,8 +19,8 @@ from models.config import known_keys
 from search.config import DataConfig, RunConfig, TrainConfig
 
 SECTIONS = ("study", "data", "sampler", "pruner", "model", "train", "ablation", "variants")
-STUDY_KEYS = ("name", "seed", "n_trials", "timeout", "storage", "artifacts", "heartbeat_interval", "grace_period",
-              "max_failures_in_row")
+STUDY_KEYS = ("name", "seed", "n_trials", "timeout", "workers", "storage", "artifacts", "heartbeat_interval",
+              "grace_period", "max_failures_in_row")
 DATA_KEYS = ("path", "synthetic", *(f.name for f in fields(DataConfig)))
 RANGE_KEYS = {"low", "high", "log", "step"}
 VIRTUAL_MODEL_KEYS = ("head_dim",)  # searched instead of d_model: d_model = nhead * head_dim
@@ -71,6 +71,7 @@ class StudySpec:
     seed: int = 0
     n_trials: int | None = None
     timeout: float | None = None
+    workers: str | None = None  # local worker processes: a positive integer or "auto" (--workers wins)
     storage: str | None = None
     artifacts: str | None = None  # checkpoints: a folder, s3:// or gs:// (default: beside the SQLite file)
     heartbeat_interval: int = 30
@@ -190,6 +191,7 @@ def _parse(path: Path, raw: dict[str, Any]) -> StudySpec:
         seed=_typed(study, "study.seed", "seed", int, 0),
         n_trials=_positive(study, "n_trials", int),
         timeout=_positive(study, "timeout", (int, float)),
+        workers=_workers(study.get("workers")),
         storage=_typed(study, "study.storage", "storage", str, None),
         artifacts=_typed(study, "study.artifacts", "artifacts", str, None),
         heartbeat_interval=_positive(study, "heartbeat_interval", int) or 30,
@@ -238,6 +240,12 @@ def _positive(table: dict[str, Any], key: str, kind: Any) -> Any:
     if value is not None and (not isinstance(value, kind) or isinstance(value, bool) or value <= 0):
         raise SpecError(f"study.{key}={value!r} must be a positive number")
     return value
+
+
+def _workers(value: Any) -> str | None:
+    if value is None or value == "auto" or isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return None if value is None else str(value)
+    raise SpecError(f"study.workers={value!r} must be a positive integer or \"auto\" (one per usable core)")
 
 
 def _strategy(raw: dict[str, Any], section: str, default: str) -> dict[str, Any]:

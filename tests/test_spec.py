@@ -81,6 +81,8 @@ def test_overrides_parse_values_as_toml_or_plain_strings():
         ("[train]\nmax_steps = -5\n", (), "train.max_steps=-5 must be a positive integer"),
         ("[train]\nbatch_size = [16, 16]\n", (), "without repeats"),
         ("", ("study.n_trials=0",), "study.n_trials=0 must be a positive number"),
+        ("", ("study.workers=0",), 'study.workers=0 must be a positive integer or "auto"'),
+        ("", ("study.workers=all",), "study.workers='all' must be a positive integer"),
         ("", ("data.valid_fraction=1.5",), "data.valid_fraction=1.5 must be a number in (0, 1)"),
         ("", ("data.valid_mode=random",), "data.valid_mode='random' must be one of fixed, full"),
         ("", ("train.max_steps",), "must look like section.key=value"),

@@ -103,8 +103,9 @@ def test_independent_commands_with_workers_share_a_new_storage(tmp_path, tiny_sy
 @pytest.mark.parametrize(("signum", "code", "workers"), [(signal.SIGINT, 130, "2"), (signal.SIGTERM, 143, "1")])
 def test_sigint_and_sigterm_stop_cleanly_and_the_rerun_retries(tmp_path, tiny_synthetic, signum, code, workers):
     study = write_study(tmp_path / "sig.toml", SPACE.format(steps=3000))
+    study.write_text(study.read_text().replace("[study]\n", f"[study]\nworkers = {workers}\n", 1))  # no --workers
     url = f"sqlite:///{tmp_path / 'sig.db'}"
-    args = ("search", str(study), "--data", str(tiny_synthetic), "--n-trials", "2", "--workers", workers)
+    args = ("search", str(study), "--data", str(tiny_synthetic), "--n-trials", "2")
     proc = start(*args, cwd=tmp_path)
     wait_for(lambda ts: n_state(ts, TrialState.RUNNING) == int(workers), "sig", url)
     proc.send_signal(signum)
