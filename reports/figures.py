@@ -25,6 +25,7 @@ def search_figures(study: optuna.Study, frame: pd.DataFrame, searched: list[str]
     figures: Figures = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", UserWarning)  # the importance evaluator's "less than 2 trials" notes
         if complete:
             figures.append(("history", vis.plot_optimization_history(study, target_name=METRIC)))
         if complete >= 2 and searched:

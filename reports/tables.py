@@ -3,6 +3,7 @@ trials, marginal tables per choice, importances, best config."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import optuna
 import pandas as pd
@@ -122,6 +123,8 @@ def param_importances(study: optuna.Study) -> dict[str, float]:
     if len(complete) < 3 or not searched:
         return {}
     try:
-        return dict(optuna.importance.get_param_importances(study, params=sorted(searched)))
+        with warnings.catch_warnings():  # "some regimes have less than 2 trials": a conditional parameter, seldom drawn
+            warnings.simplefilter("ignore", UserWarning)
+            return dict(optuna.importance.get_param_importances(study, params=sorted(searched)))
     except (RuntimeError, ValueError):  # e.g. a parameter present in too few trials to evaluate
         return {}

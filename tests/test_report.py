@@ -296,3 +296,24 @@ def test_a_best_trial_still_rising_at_its_last_evaluation_is_flagged_budget_star
     assert "train.max_steps=500" in text
     for curve in ({100: 0.4, 200: 0.7, 250: 0.6}, {100: 0.7, 200: 0.7}, {250: 0.7}):  # fell, flat, one point
         assert "budget-starved" not in to_markdown(study_report(study_with(curve)))
+
+
+def test_importances_of_a_seldom_drawn_conditional_parameter_print_no_warnings(tmp_path):
+    """A margin drawn in one trial only: Optuna's evaluator warns per parameter; the report stays quiet."""
+    import warnings
+
+    from optuna.distributions import FloatDistribution
+
+    from reports.tables import param_importances
+
+    study = optuna.create_study(direction="maximize")
+    losses = CategoricalDistribution(["ce", "am"])
+    for i, (loss, value) in enumerate([("ce", 0.5), ("ce", 0.6), ("am", 0.9), ("ce", 0.55), ("ce", 0.4)]):
+        params, dists = {"loss": loss, "lr": 1e-3 * (i + 1)}, {"loss": losses, "lr": FloatDistribution(1e-4, 1e-2)}
+        if loss == "am":
+            params["margin"], dists["margin"] = 0.2, FloatDistribution(0.1, 0.4)
+        study.add_trial(create_trial(params=params, distributions=dists, value=value))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert set(param_importances(study)) == {"loss", "lr", "margin"}
+        write_report(study, tmp_path, k=5)
