@@ -78,7 +78,9 @@ def search_report(study: optuna.Study, k: int = 10, plots: bool = False) -> Repo
 
 def budget_starved(study: optuna.Study) -> str:
     """A warning when the best complete trial peaked at its last evaluation with accuracy still rising: its
-    budget, not its config, limited it, and longer trials would likely do better. '' otherwise."""
+    budget, not its config, limited it, and longer trials would likely do better; it names which budget (the
+    study's deadline, train.max_minutes or train.max_steps) and what to try. '' otherwise, and at accuracy 1.0,
+    which cannot rise."""
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     curves = [sorted(t.intermediate_values.items()) for t in complete]
     peaked = [c for c in curves if len(c) >= 2 and max(v for _, v in c) == c[-1][1]]
@@ -86,14 +88,22 @@ def budget_starved(study: optuna.Study) -> str:
         return ""
     best = max(complete, key=lambda t: t.value)
     curve = sorted(best.intermediate_values.items())
-    if len(curve) < 2 or curve[-1][1] <= curve[-2][1] or curve[-1][1] < max(v for _, v in curve):
+    if len(curve) < 2 or curve[-1][1] <= curve[-2][1] or curve[-1][1] < max(v for _, v in curve) or curve[-1][1] >= 1:
         return ""
     (prev_step, prev), (last_step, last) = curve[-2], curve[-1]
+    train = best.user_attrs.get("run_config", {}).get("train", {})
+    final_fit = f"run-study train {study.study_name} --trial {best.number} --set train.max_steps={4 * last_step}"
+    if "stopped_at_deadline" in best.user_attrs:
+        limit, advice = "the study's deadline stopped it", "give the study more time (--timeout)"
+    elif train.get("max_minutes") and last_step < train.get("max_steps", last_step):
+        limit = f"train.max_minutes={train['max_minutes']:g} sized it to {last_step} steps"
+        advice = f"try train.max_minutes={2 * train['max_minutes']:g}"
+    else:
+        limit, advice = "", f"try train.max_steps={2 * last_step}"
     return (f"(!) budget-starved: the best trial ({best.number}) peaked at its last evaluation, step {last_step}, "
-            f"with validation accuracy still rising ({prev:.4f} at step {prev_step} -> {last:.4f}); "
-            f"{len(peaked)} of {len(complete)} complete trials peaked at their last evaluation. Longer trials "
-            f"would likely do better: try train.max_steps={2 * last_step}, or a final fit: run-study train "
-            f"{study.study_name} --trial {best.number} --set train.max_steps={4 * last_step}")
+            f"with validation accuracy still rising ({prev:.4f} at step {prev_step} -> {last:.4f})"
+            f"{f'; {limit}' if limit else ''}; {len(peaked)} of {len(complete)} complete trials peaked at their last "
+            f"evaluation. Longer trials would likely do better: {advice}, or a final fit: {final_fit}")
 
 
 def searched_params(study: optuna.Study) -> list[str]:

@@ -14,6 +14,7 @@ from optuna.trial import TrialState, create_trial
 from reports import FORMATS, study_report, summary_counts, top_trials, trials_frame, write_report
 from reports.document import to_markdown
 from reports.export import report_section
+from reports.tables import budget_starved
 
 
 def _study() -> optuna.Study:
@@ -294,8 +295,18 @@ def test_a_best_trial_still_rising_at_its_last_evaluation_is_flagged_budget_star
     assert ("(!) budget-starved: the best trial (0) peaked at its last evaluation, step 250, with validation "
             "accuracy still rising (0.6000 at step 200 -> 0.7000); 2 of 3 complete trials") in text
     assert "train.max_steps=500" in text
-    for curve in ({100: 0.4, 200: 0.7, 250: 0.6}, {100: 0.7, 200: 0.7}, {250: 0.7}):  # fell, flat, one point
+    for curve in ({100: 0.4, 200: 0.7, 250: 0.6}, {100: 0.7, 200: 0.7}, {250: 0.7},  # fell, flat, one point
+                  {100: 0.9, 200: 1.0}):  # at the ceiling: nothing left to gain
         assert "budget-starved" not in to_markdown(study_report(study_with(curve)))
+    sized = optuna.create_study(direction="maximize")
+    sized.add_trial(create_trial(value=0.6, intermediate_values={100: 0.4, 200: 0.6}, user_attrs={
+        "run_config": {"train": {"max_steps": 4000, "max_minutes": 4.0}}}))
+    assert ("0.6000); train.max_minutes=4 sized it to 200 steps; 1 of 1 complete trials peaked at their last "
+            "evaluation. Longer trials would likely do better: try train.max_minutes=8") in budget_starved(sized)
+    late = optuna.create_study(direction="maximize")
+    late.add_trial(create_trial(value=0.6, intermediate_values={100: 0.4, 200: 0.6},
+                                user_attrs={"stopped_at_deadline": 200}))
+    assert "the study's deadline stopped it" in budget_starved(late) and "--timeout" in budget_starved(late)
 
 
 def test_importances_of_a_seldom_drawn_conditional_parameter_print_no_warnings(tmp_path):
