@@ -33,6 +33,28 @@ MODELS = {
 }
 
 
+def stock(module):
+    """The same model written with torch's stock layers, as the sample code would: nn.Dropout and
+    nn.TransformerEncoderLayer (same weights) in place of models.dropout's cheaper CPU dropout."""
+    from torch import nn
+
+    from models.components import TransformerEncoderLayer
+    from models.dropout import Dropout
+
+    for name, child in module.named_children():
+        if isinstance(child, TransformerEncoderLayer):
+            layer = nn.TransformerEncoderLayer(child.linear1.in_features, child.self_attn.num_heads,
+                                               dim_feedforward=child.linear1.out_features, dropout=child.dropout.p,
+                                               batch_first=True)
+            layer.load_state_dict(child.state_dict())
+            setattr(module, name, layer)
+        elif isinstance(child, Dropout):
+            setattr(module, name, nn.Dropout(child.p))
+        else:
+            stock(child)
+    return module
+
+
 def sample_loop(data: Path, model_name: str, steps: int, device: str = "cpu") -> float:
     """Seconds per step of the sample code's loop (after 5 warm-up steps): CPU seconds, wall seconds on CUDA."""
     import math
@@ -44,8 +66,6 @@ def sample_loop(data: Path, model_name: str, steps: int, device: str = "cpu") ->
     from torch.utils.data import DataLoader, Dataset
 
     from models import ModelConfig, build_model
-    from models.components import TransformerEncoderLayer
-    from models.dropout import Dropout
 
     class MyDataset(Dataset):
         def __init__(self, root: Path, segment_len: int = 128) -> None:
@@ -83,22 +103,6 @@ def sample_loop(data: Path, model_name: str, steps: int, device: str = "cpu") ->
         def forward(self, mels):
             out = self.encoder_layer(self.prenet(mels))
             return self.pred_layer(out.mean(dim=1))
-
-    def stock(module: nn.Module) -> nn.Module:
-        """The same model written with torch's stock layers, as the sample code would: nn.Dropout and
-        nn.TransformerEncoderLayer (same weights) in place of models.dropout's cheaper CPU dropout."""
-        for name, child in module.named_children():
-            if isinstance(child, TransformerEncoderLayer):
-                layer = nn.TransformerEncoderLayer(child.linear1.in_features, child.self_attn.num_heads,
-                                                   dim_feedforward=child.linear1.out_features,
-                                                   dropout=child.dropout.p, batch_first=True)
-                layer.load_state_dict(child.state_dict())
-                setattr(module, name, layer)
-            elif isinstance(child, Dropout):
-                setattr(module, name, nn.Dropout(child.p))
-            else:
-                stock(child)
-        return module
 
     class Unmasked(nn.Module):  # one of our models, stock layers, called the sample's way: padded with -20, no mask
         def __init__(self, cfg: ModelConfig, n_spks: int) -> None:

@@ -207,3 +207,29 @@ def test_sample_preset_is_the_official_sample_model():
     assert (m.dim_feedforward, m.dropout) == (256, 0.1)
     assert (m.pooling, m.head, m.head_activation, m.classifier, m.loss) == ("mean", "mlp-80", "sigmoid", "linear", "ce")
     assert (cfg.train.lr, cfg.train.warmup_steps, cfg.train.valid_steps, cfg.train.seed) == (1e-3, 1000, 2000, 87)
+
+
+def _cpu_command(path: Path) -> list[str]:
+    """The preset's 'CPU' command from its header comment, continuation lines joined."""
+    import shlex
+
+    lines = path.read_text().splitlines()
+    end = next(i for i, line in enumerate(lines) if not line.startswith("#"))
+    header = " ".join(line[1:].strip() for line in lines[:end])
+    return shlex.split(header.split("CPU", 1)[1].split("run-study ", 1)[1].replace("\\ ", ""))
+
+
+@pytest.mark.parametrize("name", ["sample", "medium", "strong", "boss", "boss_ablation"])
+def test_presets_cpu_lines_are_valid_commands_with_a_time_or_step_budget_for_a_cpu(name):
+    """Each GPU-sized preset states a CPU command: it must parse, its overrides must load, and it must not
+    ask for GPU-length trials (70k steps) unless a time budget cuts them."""
+    import run_study
+
+    path = Path(__file__).resolve().parent.parent / "studies" / f"{name}.toml"
+    args = run_study._parser().parse_args(_cpu_command(path))
+    assert Path(args.study).name == path.name and str(args.data) == "Dataset"
+    spec = load_spec(path, args.overrides)
+    cfg = spec.default_run_config()
+    assert cfg.train.max_minutes > 0 or cfg.train.max_steps <= 5000
+    if args.command == "search" and name != "sample":
+        assert args.timeout == 1200 and args.workers == "auto"
