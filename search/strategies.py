@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -141,7 +142,9 @@ def _build(spec: StudySpec, kind: str, name: Any, table: dict[str, Any], kwargs:
     for key, value in kwargs.items():
         _check_type(spec, f"{kind}.{key}", value, parameters[key].annotation)
     try:
-        return cls(**kwargs)
+        with warnings.catch_warnings():  # the study file named the option: Optuna's "experimental" note is noise
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return cls(**kwargs)
     except TypeError as err:
         raise SpecError(f"{spec.path}: [{kind}] {name}: {err}") from None
     except ValueError as err:

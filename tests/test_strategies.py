@@ -77,3 +77,15 @@ def test_unknown_strategy_or_argument_is_a_clear_error(tmp_path, override, fragm
         make_pruner(spec)
         make_sampler(spec)
     assert fragment in str(err.value) and str(err.value).startswith(str(tmp_path / "bad.toml"))
+
+
+def test_experimental_sampler_options_the_study_file_names_print_no_warnings(tmp_path):
+    """multivariate/group TPE (studies/cpu.toml) is the user's explicit choice: no ExperimentalWarning per process."""
+    import warnings
+
+    spec = load_spec(write_study(tmp_path / "g.toml", BUDGET),
+                     ["sampler.name=tpe", "sampler.multivariate=true", "sampler.group=true"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sampler = make_sampler(spec).sampler
+    assert sampler._multivariate and sampler._group
