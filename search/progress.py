@@ -79,13 +79,18 @@ class Progress:
             self._line(f"trial {self.number} step {int(point['step'])}/{self.max_steps}: loss "
                        f"{point['train_loss']:.4f}, valid_acc {point['valid_acc']:.4f}")
 
-    def end_trial(self, number: int, state: str, value: float | None, reason: str = "", detail: str = "") -> None:
-        """state: COMPLETE, PRUNED or FAIL; a failure's `detail` (its traceback) goes to the failure log."""
+    def end_trial(self, number: int, state: str, value: float | None, reason: str = "", detail: str = "",
+                  study_so_far: tuple[int, float | None] | None = None) -> None:
+        """state: COMPLETE, PRUNED or FAIL; a failure's `detail` (its traceback) goes to the failure log.
+        `study_so_far`: (finished trials, best value) of the whole study, other workers' included."""
         if self.trial_bar is not None:
             self.trial_bar.close()
             self.trial_bar = None
         if state != "FAIL":
             self.done += 1
+        if study_so_far is not None:
+            self.done, best = max(self.done, study_so_far[0]), study_so_far[1]
+            self.best = best if self.best is None or best is not None and best > self.best else self.best
         if state == "FAIL":
             where = self._log_failure(number, reason, detail) if detail else None
             self._say(f"trial {number} failed: {reason}" + (f" (traceback: {where})" if where else ""))

@@ -262,10 +262,19 @@ def run_trials(
             if lock.is_locked:
                 lock.release()
         if number is not None:
-            trial = study.get_trials(deepcopy=False)[number]
+            trials = study.get_trials(deepcopy=False)
+            trial = trials[number]
             stats.states[trial.state.name] += 1
             progress.active().end_trial(number, trial.state.name, trial.value,
-                                        trial.user_attrs.get("fail_reason", ""), failures.pop(number, ""))
+                                        trial.user_attrs.get("fail_reason", ""), failures.pop(number, ""),
+                                        study_so_far=_so_far(trials))
+
+
+def _so_far(trials: list[FrozenTrial]) -> tuple[int, float | None]:
+    """(finished trials, best value) of the whole study: other workers' trials count too."""
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    complete = [t.value for t in finished if t.state == TrialState.COMPLETE and t.value is not None]
+    return len(finished), max(complete, default=None)
 
 
 def _run_one(study: optuna.Study, objective: Callable[[optuna.Trial], float], gate: FileLock,

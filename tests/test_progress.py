@@ -83,3 +83,16 @@ def test_bars_on_a_terminal():
     text = stream.getvalue()
     assert "trial 4" in text and "10/10" in text and "valid_acc=0.7500" in text and "loss=1.250" in text
     assert "trials" in text and "2/3" in text and "best=0.7500" in text
+
+
+def test_a_workers_lines_give_the_whole_studys_best_and_count():
+    """One of several workers: its 'best so far' and count are the study's, other workers' trials included."""
+    stream = io.StringIO()
+    worker = progress.Progress(progress.LINES, stream=stream)
+    worker.end_trial(3, "COMPLETE", 0.6, study_so_far=(4, 0.9))  # another worker already reached 0.9
+    worker.end_trial(5, "PRUNED", 0.2, study_so_far=(6, 0.9))
+    worker.end_trial(7, "COMPLETE", 0.95, study_so_far=(8, 0.95))
+    lines = stream.getvalue().splitlines()
+    assert lines == ["trial 3 complete: valid_acc 0.6000 (best so far 0.9000; 4 finished)",
+                     "trial 5 pruned: valid_acc 0.2000 (best so far 0.9000; 6 finished)",
+                     "trial 7 complete: valid_acc 0.9500 (best so far 0.9500; 8 finished)"]
