@@ -24,9 +24,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from search.spec import load_spec
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from search.spec import load_spec  # noqa: E402
 
 
 def search(space: Path, data: Path, db: Path, name: str, seed: int, n_trials: int, core: int,

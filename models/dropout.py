@@ -8,6 +8,8 @@ Elsewhere (CUDA, inference, p = 0) this is torch's own dropout.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -17,9 +19,7 @@ _LANES = 4  # int16 lanes per int64 draw
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype) -> torch.Tensor:
     """A CPU tensor of `shape`: 1 / (1 - p) where an element is kept (probability 1 - p), else 0."""
-    n = 1
-    for size in shape:
-        n *= size
+    n = math.prod(shape)
     draws = torch.empty((n + _LANES - 1) // _LANES, dtype=torch.int64).random_(-2**63, None)
     threshold = round((1.0 - p) * 65536) - 32768  # int16 lanes are uniform over [-32768, 32767]
     kept = draws.view(torch.int16)[:n].view(shape) < threshold

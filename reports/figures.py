@@ -15,6 +15,8 @@ import plotly.graph_objects as go
 
 Figures = list[tuple[str, go.Figure]]
 METRIC = "validation accuracy"
+# Optuna's importance evaluator warns per conditional parameter drawn in under 2 trials: not the user's to fix.
+IMPORTANCE_NOTE = r"Some regimes for parameter"
 
 
 def search_figures(study: optuna.Study, frame: pd.DataFrame, searched: list[str], importances: dict,
@@ -25,7 +27,7 @@ def search_figures(study: optuna.Study, frame: pd.DataFrame, searched: list[str]
     figures: Figures = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        warnings.simplefilter("ignore", UserWarning)  # the importance evaluator's "less than 2 trials" notes
+        warnings.filterwarnings("ignore", IMPORTANCE_NOTE, UserWarning)
         if complete:
             figures.append(("history", vis.plot_optimization_history(study, target_name=METRIC)))
         if complete >= 2 and searched:

@@ -9,7 +9,7 @@ import optuna
 import pandas as pd
 
 from reports.document import Report, Section
-from reports.figures import choice_figures, search_figures
+from reports.figures import IMPORTANCE_NOTE, choice_figures, search_figures
 
 ATTR_COLUMNS = ("n_params", "flops_per_segment", "steps_run", "steps_per_s", "best_step", "seed",
                 "stopped_at_deadline")  # the step a trial running at the study's deadline stopped at
@@ -133,8 +133,8 @@ def param_importances(study: optuna.Study) -> dict[str, float]:
     if len(complete) < 3 or not searched:
         return {}
     try:
-        with warnings.catch_warnings():  # "some regimes have less than 2 trials": a conditional parameter, seldom drawn
-            warnings.simplefilter("ignore", UserWarning)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", IMPORTANCE_NOTE, UserWarning)
             return dict(optuna.importance.get_param_importances(study, params=sorted(searched)))
     except (RuntimeError, ValueError):  # e.g. a parameter present in too few trials to evaluate
         return {}

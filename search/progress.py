@@ -86,11 +86,10 @@ class Progress:
         if self.trial_bar is not None:
             self.trial_bar.close()
             self.trial_bar = None
-        if state != "FAIL":
+        if study_so_far is not None:  # read after this trial ended: it counts this one
+            self.done, self.best = study_so_far
+        elif state != "FAIL":
             self.done += 1
-        if study_so_far is not None:
-            self.done, best = max(self.done, study_so_far[0]), study_so_far[1]
-            self.best = best if self.best is None or best is not None and best > self.best else self.best
         if state == "FAIL":
             where = self._log_failure(number, reason, detail) if detail else None
             self._say(f"trial {number} failed: {reason}" + (f" (traceback: {where})" if where else ""))
