@@ -8,7 +8,7 @@ import pandas as pd
 
 from reports.document import Report, Section
 from reports.figures import ablation_figures, learning_curves
-from reports.stats import ablation_table
+from reports.stats import ACCURACY_RANGE, CUT_MARK, DELTA_RANGE, ablation_table
 
 
 def is_ablation(study: optuna.Study) -> bool:
@@ -60,16 +60,18 @@ def ablation_report(study: optuna.Study, plots: bool = False) -> Report:
     seeds = study.user_attrs.get("seeds", [])
     intro = (f"Validation accuracy over seeds {seeds}; each variant is compared with "
              f"`{study.user_attrs.get('baseline_row')}` paired by seed (paired t-test and Wilcoxon signed-rank, "
-             "Holm-corrected across variants; d_z = mean difference / sd of differences). "
-             "95% confidence intervals are t intervals.")
+             "Holm-corrected across variants; the Wilcoxon p is exact and tie-aware; "
+             "d_z = mean difference / sd of differences). 95% confidence intervals are t intervals, cut where they "
+             f"would leave the range an accuracy can take ({CUT_MARK} marks a cut bound).")
     title = f"Ablation `{study.study_name}`"
     if table.empty:
         return Report(title, [Section(text=intro), Section(text="No finished cells yet.")], csv=table, tex=table)
     flagged = table["too_few_seeds"].fillna(False).astype(bool).any()
     sections = [
         Section(text="\n\n".join(filter(None, [intro, duplicates_note(cells)])), table=_display(table),
-                note="(!) too few seeds: with 5 or fewer paired seeds the Wilcoxon test cannot reach p < 0.05 "
-                     "whatever the data; add seeds before trusting a difference." if flagged else ""),
+                note="(!) too few seeds: with 5 or fewer paired seeds whose accuracies differ (equal pairs drop out) "
+                     "the Wilcoxon test cannot reach p < 0.05 whatever the data; add seeds before trusting a "
+                     "difference." if flagged else ""),
         Section("Cells by seed", "Final validation accuracy of each (variant, seed) run; "
                 "a pruned or failed run is named instead.", table=_by_seed(cells, table["variant"]), index=True,
                 floatfmt=".4f"),
@@ -90,13 +92,16 @@ def _display(table: pd.DataFrame) -> pd.DataFrame:
     def fmt(x: float, spec: str = ".4f") -> str:
         return "" if pd.isna(x) else format(x, spec)
 
-    def interval(low: float, high: float, spec: str = ".4f") -> str:
-        return "" if pd.isna(low) else f"[{fmt(low, spec)}, {fmt(high, spec)}]"
+    def interval(low: float, high: float, spec: str = ".4f", bounds: tuple[float, float] = ACCURACY_RANGE) -> str:
+        if pd.isna(low):
+            return ""
+        cut = [CUT_MARK if end == limit and low != high else "" for end, limit in zip((low, high), bounds, strict=True)]
+        return f"[{fmt(low, spec)}{cut[0]}, {fmt(high, spec)}{cut[1]}]"
 
     rows = []
     for r in table.itertuples(index=False):
         comparison = not pd.isna(r.delta)
-        delta_ci = interval(r.delta_ci_low, r.delta_ci_high, "+.4f") or f"({r.n_pairs} pair)"
+        delta_ci = interval(r.delta_ci_low, r.delta_ci_high, "+.4f", DELTA_RANGE) or f"({r.n_pairs} pair)"
         rows.append({
             "variant": r.variant,
             "complete/pruned/failed": f"{r.n_complete}/{r.n_pruned}/{r.n_failed}",

@@ -5,12 +5,18 @@ An ablation runs a baseline config and named variants over the same seeds; one (
 split and initialisation seed), which removes the seed-to-seed variance shared by both arms.
 
 Conventions:
-- 95% confidence intervals are t intervals (``scipy.stats.t``); bounds are NaN when n < 2.
-- Two-sided p-values from ``scipy.stats.ttest_rel`` and ``scipy.stats.wilcoxon`` (method chosen by scipy).
-- ``too_few_seeds`` flags comparisons whose Wilcoxon test can never reach p < 0.05: with n pairs the smallest
-  exact two-sided signed-rank p-value is 2 / 2**n (all differences of one sign), so n <= 5 is too few.
-  Zero differences are dropped by the Wilcoxon test, which raises that floor further. The paired t-test has no
-  such floor (a tiny spread gives any small p), so it is deliberately not used for the flag.
+- Accuracies are k/N, so two differences that are equal in exact arithmetic can differ in their last bit.
+  Paired differences are first snapped (``snap_ties``): magnitudes within 1e-9 of each other become one value
+  and those within 1e-9 of 0 become 0, so the rank test sees the ties and zeros the data really has.
+- 95% confidence intervals are t intervals (``scipy.stats.t``), cut to the range the quantity can take:
+  [0, 1] for an accuracy, [-1, 1] for a difference of accuracies. The true value lies in that range, so the cut
+  never lowers coverage; ``CUT_MARK`` marks a cut bound in the display tables. Bounds are NaN when n < 2.
+- Two-sided p-values from the paired t-test and an exact, tie-aware Wilcoxon signed-rank test: the p-value
+  ``scipy.stats.wilcoxon`` gets by enumerating every sign pattern, computed by counting instead (any n, ms).
+- ``too_few_seeds`` flags comparisons whose Wilcoxon test can never reach p < 0.05: with n nonzero differences
+  the smallest exact two-sided signed-rank p-value is 2 / 2**n (all of one sign), so n <= 5 is too few. Zero
+  differences are dropped by the test, so they are not counted (``n_nonzero``). The paired t-test has no such
+  floor (a tiny spread gives any small p), so it is deliberately not used for the flag.
 - Only cells in state "complete" enter the statistics; pruned and failed cells are counted, never dropped
   silently.
 """
@@ -26,9 +32,14 @@ from scipy import stats
 
 CONFIDENCE = 0.95
 ALPHA = 0.05
+TIE_TOLERANCE = 1e-9  # far below any 1/N of a validation set, far above float noise of k/N values
+ACCURACY_RANGE = (0.0, 1.0)
+DELTA_RANGE = (-1.0, 1.0)
+CUT_MARK = "†"
 
 COMPARISON_COLUMNS = [
     "n_pairs",
+    "n_nonzero",
     "delta",
     "delta_ci_low",
     "delta_ci_high",
@@ -60,8 +71,24 @@ def _finite_array(values: Sequence[float] | np.ndarray, what: str) -> np.ndarray
     return arr
 
 
-def _t_interval(x: np.ndarray) -> tuple[float, float]:
-    """95% t confidence interval of the mean of x; NaN bounds for n < 2, a point when x is constant."""
+def snap_ties(diffs: Sequence[float] | np.ndarray, tol: float = TIE_TOLERANCE) -> np.ndarray:
+    """diffs with float noise removed: magnitudes within tol of 0 become 0, and magnitudes that chain within tol
+    of each other (sorted ascending) take the group's smallest, keeping each sign. Ranks then see exact ties."""
+    d = np.asarray(diffs, dtype=float).reshape(-1)
+    if d.size == 0:
+        return d.copy()
+    magnitude = np.abs(d)
+    order = np.argsort(magnitude, kind="stable")
+    ascending = magnitude[order]
+    starts = np.diff(ascending, prepend=-math.inf) > tol  # True where a new group of equal magnitudes begins
+    heads = ascending[starts]
+    snapped = np.empty_like(d)
+    snapped[order] = np.where(heads <= tol, 0.0, heads)[np.cumsum(starts) - 1]
+    return np.where(snapped == 0.0, 0.0, np.copysign(snapped, d))
+
+
+def _t_interval(x: np.ndarray, bounds: tuple[float, float]) -> tuple[float, float]:
+    """95% t confidence interval of the mean of x cut to bounds; NaN for n < 2, a point when x is constant."""
     n = x.size
     if n < 2:
         return math.nan, math.nan
@@ -70,11 +97,12 @@ def _t_interval(x: np.ndarray) -> tuple[float, float]:
     if sem == 0.0:  # scipy rejects scale=0; the interval degenerates to the mean
         return mean, mean
     low, high = stats.t.interval(CONFIDENCE, df=n - 1, loc=mean, scale=sem)
-    return float(low), float(high)
+    return max(float(low), bounds[0]), min(float(high), bounds[1])
 
 
-def summarize(values: Sequence[float] | np.ndarray) -> dict[str, float | int]:
-    """n, mean, std (ddof=1) and 95% t CI of the mean of one variant's accuracies over seeds.
+def summarize(values: Sequence[float] | np.ndarray, bounds: tuple[float, float] = ACCURACY_RANGE
+              ) -> dict[str, float | int]:
+    """n, mean, std (ddof=1) and 95% t CI (cut to bounds) of the mean of one variant's accuracies over seeds.
 
     std and CI bounds are NaN when n < 2 (no spread estimate); mean is NaN when n == 0.
     """
@@ -82,7 +110,7 @@ def summarize(values: Sequence[float] | np.ndarray) -> dict[str, float | int]:
     n = int(x.size)
     mean = float(np.mean(x)) if n else math.nan
     std = float(np.std(x, ddof=1)) if n >= 2 else math.nan
-    ci_low, ci_high = _t_interval(x)
+    ci_low, ci_high = _t_interval(x, bounds)
     return {"n": n, "mean": mean, "std": std, "ci_low": ci_low, "ci_high": ci_high}
 
 
@@ -108,52 +136,69 @@ def cohen_dz(diffs: np.ndarray) -> float:
     return mean / std
 
 
-def _p_ttest(variant: np.ndarray, baseline: np.ndarray) -> float:
-    """Two-sided paired t-test p; NaN for < 2 pairs, and the limits for constant differences.
+def _p_ttest(diffs: np.ndarray) -> float:
+    """Two-sided paired t-test p (a one-sample t-test of the differences, as ttest_rel computes it); NaN for
+    < 2 pairs, and the limits for constant differences.
 
     Constant differences make t = 0/0 or +/-inf: we return 1.0 when they are all zero (no difference seen)
     and 0.0 otherwise, the same as scipy's limit, without its division warnings.
     """
-    diffs = variant - baseline
     if diffs.size < 2:
         return math.nan
     if np.all(diffs == diffs[0]):
         return 1.0 if diffs[0] == 0.0 else 0.0
-    return float(stats.ttest_rel(variant, baseline).pvalue)
+    return float(stats.ttest_1samp(diffs, 0.0).pvalue)
 
 
 def _p_wilcoxon(diffs: np.ndarray) -> float:
-    """Two-sided Wilcoxon signed-rank p on paired differences; NaN with no pairs, 1.0 when all are zero.
+    """Two-sided exact signed-rank p, tie-aware; NaN with no pairs, 1.0 when all differences are zero.
 
-    The all-zero case is answered here because scipy warns (0/0 in its normal approximation) there.
+    Zeros are dropped (Wilcoxon's convention, scipy's default); |d| get midranks, and the null distribution of
+    W+ (each sign + or - with probability 1/2) is counted exactly over doubled, hence integer, ranks. This is
+    the p-value scipy.stats.wilcoxon computes exactly for <= 13 nonzero pairs (by enumerating 2**n sign
+    patterns, seconds at n = 13), for any n and in milliseconds; scipy falls back to a normal approximation
+    above 13 when there are ties.
     """
     if diffs.size == 0:
         return math.nan
-    if np.all(diffs == 0.0):
+    nonzero = diffs[diffs != 0.0]
+    if nonzero.size == 0:
         return 1.0
-    return float(stats.wilcoxon(diffs).pvalue)
+    ranks = np.rint(2.0 * stats.rankdata(np.abs(nonzero))).astype(int)
+    w_plus = int(ranks[nonzero > 0].sum())
+    null = np.zeros(int(ranks.sum()) + 1)
+    null[0] = 1.0
+    for r in ranks:  # add one rank with sign + or -: P(W+ = s) = (P(s) + P(s - r)) / 2
+        null[r:] = null[r:] + null[:-r]  # the right side is a new array, so the overlap is safe
+        null /= 2.0
+    tail = min(null[: w_plus + 1].sum(), null[w_plus:].sum())
+    return float(min(1.0, 2.0 * tail))
 
 
 def paired_comparison(baseline: Mapping[int, float], variant: Mapping[int, float]) -> dict[str, float | int | bool]:
     """Compare variant with baseline paired by seed (dict keys); seeds missing from either arm are left out.
 
-    Returns n_pairs, delta = mean(variant - baseline) with its 95% t CI, two-sided p_t (paired t-test) and
-    p_wilcoxon (signed-rank), d_z (Cohen's), min_p_wilcoxon = 2 / 2**n_pairs and too_few_seeds (that floor
-    is >= 0.05, i.e. even a perfectly consistent difference could not be significant by Wilcoxon).
+    Returns n_pairs, n_nonzero (pairs whose difference is not 0), delta = mean(variant - baseline) with its
+    95% t CI (cut to [-1, 1]), two-sided p_t (paired t-test) and p_wilcoxon (signed-rank, tie-aware), d_z
+    (Cohen's), min_p_wilcoxon = 2 / 2**n_nonzero and too_few_seeds (that floor is >= 0.05, i.e. even a
+    perfectly consistent difference could not be significant by Wilcoxon). Differences are snapped first
+    (``snap_ties``), so every statistic sees exact ties.
     """
     seeds = sorted(set(baseline) & set(variant))
     b = _finite_array([baseline[s] for s in seeds], "baseline")
     v = _finite_array([variant[s] for s in seeds], "variant")
-    diffs = v - b
+    diffs = snap_ties(v - b)
     n = int(diffs.size)
-    delta_ci_low, delta_ci_high = _t_interval(diffs)
-    floor = min_p_wilcoxon(n)
+    n_nonzero = int(np.count_nonzero(diffs))
+    delta_ci_low, delta_ci_high = _t_interval(diffs, DELTA_RANGE)
+    floor = min_p_wilcoxon(n_nonzero)
     return {
         "n_pairs": n,
+        "n_nonzero": n_nonzero,
         "delta": float(np.mean(diffs)) if n else math.nan,
         "delta_ci_low": delta_ci_low,
         "delta_ci_high": delta_ci_high,
-        "p_t": _p_ttest(v, b),
+        "p_t": _p_ttest(diffs),
         "p_wilcoxon": _p_wilcoxon(diffs),
         "d_z": cohen_dz(diffs),
         "min_p_wilcoxon": floor,
@@ -227,7 +272,7 @@ def ablation_table(cells: pd.DataFrame, baseline: str) -> pd.DataFrame:
 
     table = pd.DataFrame(rows).reindex(columns=TABLE_COLUMNS)
     # Nullable dtypes so the baseline's missing comparisons stay NA without turning ints/bools into floats/objects.
-    table["n_pairs"] = table["n_pairs"].astype("Int64")
+    table[["n_pairs", "n_nonzero"]] = table[["n_pairs", "n_nonzero"]].astype("Int64")
     table["too_few_seeds"] = table["too_few_seeds"].astype("boolean")
     others = table["variant"] != baseline
     for col in ("p_t", "p_wilcoxon"):

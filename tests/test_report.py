@@ -186,6 +186,24 @@ def test_ablation_html_has_ci_error_bars_and_cells_by_seed(tmp_path):
     assert deltas.error_x.array[1] is None  # stats has one pair: its delta has no CI
 
 
+@pytest.mark.parametrize("n_seeds", range(2, 11))
+def test_ablation_intervals_and_bars_stay_within_zero_and_one(n_seeds):
+    from reports.ablation import _display
+    from reports.figures import ablation_figures
+    from reports.stats import ablation_table
+
+    rows = [(variant, seed, "complete", value) for seed in range(n_seeds)
+            for variant, value in (("low", 0.3 * (seed == 0)), ("high", 1.0 - 0.3 * (seed == 0)))]
+    cells = pd.DataFrame(rows, columns=["variant", "seed", "state", "value"])
+    table = ablation_table(cells, "low")
+    assert (table["ci_low"] >= 0).all() and (table["ci_high"] <= 1).all()
+    bars = dict(ablation_figures(cells, table))["ablation-bars"].data[0]
+    for mean, up, down in zip(bars.y, bars.error_y.array, bars.error_y.arrayminus, strict=True):
+        assert 0.0 <= mean - down and mean + up <= 1.0
+    shown = _display(table)["95% CI"].tolist()
+    assert shown[0].startswith("[0.0000†,") and shown[1].endswith(", 1.0000†]")  # a cut bound says so
+
+
 def test_report_figures_go_into_the_dashboard_once(tmp_path):
     from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
 

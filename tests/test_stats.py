@@ -6,8 +6,17 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
-from reports.stats import ablation_table, cohen_dz, holm, min_p_wilcoxon, paired_comparison, summarize
+from reports.stats import (
+    ablation_table,
+    cohen_dz,
+    holm,
+    min_p_wilcoxon,
+    paired_comparison,
+    snap_ties,
+    summarize,
+)
 
 T975_DF4 = 2.7764451  # t_{0.975, 4}, from tables
 
@@ -139,6 +148,84 @@ def test_planted_null_has_nominal_false_positive_rate():
     pairs = zip(base, var, strict=True)
     p = np.array([paired_comparison(dict(enumerate(b)), dict(enumerate(v)))["p_t"] for b, v in pairs])
     assert 0.02 <= np.mean(p < 0.05) <= 0.09
+
+
+# --- accuracies on a k/N grid -----------------------------------------------------------------------------
+
+
+def _exact_wilcoxon(counts_diff: np.ndarray) -> float:
+    """scipy on the integer count differences: exact and tie-aware (exhaustive permutations for ties/zeros)."""
+    return 1.0 if not counts_diff.any() else float(stats.wilcoxon(counts_diff).pvalue)
+
+
+def test_wilcoxon_on_the_issue_example_is_the_exact_tie_aware_p():
+    base = np.array([193, 195, 206, 175, 196, 207])
+    var = np.array([190, 195, 207, 175, 193, 210])
+    r = paired_comparison(dict(enumerate(base / 240)), dict(enumerate(var / 240)))
+    assert stats.wilcoxon(var / 240 - base / 240).pvalue == pytest.approx(0.75)  # float noise hides the ties
+    assert r["p_wilcoxon"] == _exact_wilcoxon(var - base) == 1.0
+    assert r["n_pairs"] == 6 and r["n_nonzero"] == 4
+
+
+@pytest.mark.parametrize(("n_valid", "n_seeds", "cases"), [(60, 4, 60), (240, 6, 60), (240, 8, 40), (997, 10, 8)])
+def test_wilcoxon_on_random_accuracy_grids_matches_integer_counts(n_valid, n_seeds, cases):
+    rng = np.random.default_rng(n_valid * 100 + n_seeds)
+    for _ in range(cases):
+        base = rng.integers(int(0.6 * n_valid), n_valid - 3, n_seeds)
+        var = base + rng.integers(-3, 4, n_seeds)
+        r = paired_comparison(dict(enumerate(base / n_valid)), dict(enumerate(var / n_valid)))
+        assert r["p_wilcoxon"] == pytest.approx(_exact_wilcoxon(var - base), abs=1e-12), (base, var)
+        assert r["n_nonzero"] == np.count_nonzero(var - base)
+        expected_t = (1.0 if not (var - base).any() else 0.0) if len(set(var - base)) == 1 else \
+            stats.ttest_1samp(var - base, 0.0).pvalue
+        assert r["p_t"] == pytest.approx(expected_t, rel=1e-9)  # the t-test is scale-free: counts give the same p
+
+
+def test_wilcoxon_without_ties_and_beyond_scipys_exact_range():
+    rng = np.random.default_rng(7)
+    distinct = rng.permutation(np.arange(1, 21)) * rng.choice([-1, 1], 20) / 240  # 20 pairs, no ties
+    r = paired_comparison(dict(enumerate(np.zeros(20))), dict(enumerate(distinct)))
+    assert r["p_wilcoxon"] == pytest.approx(stats.wilcoxon(distinct, method="exact").pvalue, rel=1e-9)
+    tied = rng.integers(-4, 6, 40)  # 40 pairs with many ties: scipy only approximates; the two must be close
+    r = paired_comparison(dict(enumerate(np.zeros(40))), dict(enumerate(tied / 240)))
+    assert r["p_wilcoxon"] == pytest.approx(stats.wilcoxon(tied, method="asymptotic").pvalue, abs=0.02)
+    one_sided = paired_comparison(dict(enumerate(np.zeros(8))), dict(enumerate(np.ones(8) / 240)))
+    assert one_sided["p_wilcoxon"] == pytest.approx(2 / 2**8)  # all tied and of one sign: the floor
+
+
+def test_snap_ties_merges_float_noise_and_keeps_signs():
+    snapped = snap_ties([0.1 - 0.3, 0.2, 1e-12, -1e-12, -0.2000000001, 0.5, -0.0])
+    assert snapped[0] == -snapped[1] == snapped[4] == pytest.approx(-0.2)  # one magnitude, signs kept
+    assert snapped[[2, 3, 6]].tolist() == [0.0, 0.0, 0.0] and snapped[5] == 0.5
+    assert np.signbit(snapped[[2, 3, 6]]).sum() == 0  # zeros are plain 0.0
+    distinct = np.arange(1, 50) / 997  # a fine grid stays distinct
+    assert snap_ties(distinct).tolist() == distinct.tolist()
+    assert snap_ties([]).size == 0
+
+
+def test_too_few_seeds_counts_only_nonzero_differences():
+    base = {s: 0.5 for s in range(6)}
+    variant = {s: 0.5 + 0.01 * s for s in range(6)}  # seed 0: difference 0, dropped by Wilcoxon
+    r = paired_comparison(base, variant)
+    assert r["n_pairs"] == 6 and r["n_nonzero"] == 5
+    assert r["min_p_wilcoxon"] == pytest.approx(0.0625) and r["p_wilcoxon"] == pytest.approx(0.0625)
+    assert r["too_few_seeds"] is True
+
+
+@pytest.mark.parametrize("n", range(2, 11))
+def test_intervals_stay_in_the_range_of_an_accuracy(n):
+    rng = np.random.default_rng(n)
+    for low_end in (True, False):
+        values = rng.uniform(0.0, 0.3, n)
+        values[0] = 0.0
+        values = values if low_end else 1.0 - values
+        s = summarize(values)
+        assert 0.0 <= s["ci_low"] <= s["mean"] <= s["ci_high"] <= 1.0
+        unbounded = stats.t.interval(0.95, n - 1, loc=np.mean(values), scale=stats.sem(values))
+        assert s["ci_low"] == pytest.approx(max(0.0, unbounded[0]))  # only the part outside [0, 1] is cut
+        assert s["ci_high"] == pytest.approx(min(1.0, unbounded[1]))
+        r = paired_comparison(dict(enumerate(values)), dict(enumerate(1.0 - values)))
+        assert -1.0 <= r["delta_ci_low"] <= r["delta"] <= r["delta_ci_high"] <= 1.0
 
 
 # --- holm ----------------------------------------------------------------------------------------------------
