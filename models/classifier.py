@@ -37,7 +37,8 @@ class SpeakerClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         mask = padding_mask(lengths, x.shape[1])
-        h = self.prenet(x)  # (B, T, D)
+        # Zeroed here for every encoder: attention multiplies padded values by a zero weight, and 0 * inf = NaN.
+        h = self.prenet(x.masked_fill(mask[..., None], 0.0))  # (B, T, D)
         if self.config.subsample:
             h, mask = self.subsample(h, mask)  # (B, T', D), T' = about T / 4
         h, mask = self.encoder(h, mask)  # (B, T', D); T' < T when the encoder subsamples

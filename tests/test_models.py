@@ -34,6 +34,24 @@ def test_padded_utterance_equals_utterance_alone(head):
     torch.testing.assert_close(batched[0], alone[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fill", [float("inf"), float("nan"), -float("inf")])
+@pytest.mark.parametrize("pooling", ["mean", "stats", "attention", "attentive_stats"])
+@pytest.mark.parametrize("encoder", [{"encoder": "transformer"}, {"encoder": "conformer"}, {"encoder": "none"},
+                                     {"encoder": "transformer", "subsample": True}])
+def test_padding_holding_inf_or_nan_changes_nothing(encoder, pooling, fill):
+    torch.manual_seed(0)
+    model = build_model(small(pooling=pooling, **encoder), n_mels=8, n_classes=5).eval()
+    clean = torch.randn(2, 24, 8)
+    clean[0, 13:] = 0.0
+    dirty = clean.clone()
+    dirty[0, 13:] = fill  # what a caller's own batching may leave in the padding
+    lengths = torch.tensor([13, 24])
+    with torch.no_grad():
+        expected, got = model(clean, lengths), model(dirty, lengths)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected)
+
+
 def test_head_layout_builds_the_sample_codes_mlp():
     model = build_model(ModelConfig(head="mlp-80", head_activation="sigmoid"), n_mels=40, n_classes=600)
     layers = [*model.head, model.classifier]
