@@ -30,6 +30,9 @@ class SpecError(ValueError):
     """A bad study file or override, worded for the user: names the file, the key and what is valid."""
 
 
+MAX_LISTED_VALUES = 4096  # an int range up to this long is validated value by value
+
+
 @dataclass(frozen=True)
 class Param:
     """One [model]/[train] key: fixed, a categorical choice, or an int/float range."""
@@ -46,20 +49,30 @@ class Param:
     def searched(self) -> bool:
         return bool(self.choices) or self.low is not None
 
+    @property
+    def is_int_range(self) -> bool:
+        return isinstance(self.low, int) and isinstance(self.high, int) and not isinstance(self.step, float)
+
     def candidates(self) -> list[Any]:
-        """The values to validate: every choice, both ends of a range, or the fixed value."""
+        """The values to validate: every choice, every value of an int range (rules such as "odd" or "divides"
+        can fail inside one), both ends of a float range (or of an int range too long to list), or the value."""
         if self.choices:
             return list(self.choices)
         if self.low is not None:
-            return [self.low, self.high]
+            values = self.range_values()
+            return values if 0 < len(values) <= MAX_LISTED_VALUES else [self.low, self.high]
         return [self.value]
+
+    def range_values(self) -> list[int]:
+        """Every value an int range can produce (log ranges too: Optuna samples any integer in them)."""
+        return list(range(int(self.low), int(self.high) + 1, int(self.step or 1))) if self.is_int_range else []
 
     def suggest(self, trial: optuna.Trial) -> Any:
         if self.choices:
             return trial.suggest_categorical(self.name, list(self.choices))
         if self.low is None:
             return self.value
-        if isinstance(self.low, int) and isinstance(self.high, int) and not isinstance(self.step, float):
+        if self.is_int_range:
             return trial.suggest_int(self.name, self.low, self.high, step=self.step or 1, log=self.log)
         return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
 
@@ -341,20 +354,19 @@ def _check_heads(model: dict[str, Param]) -> None:
     n_values = _values(model.get("nhead"), ModelConfig.nhead)
     for d_model, nhead in itertools.product(d_values, n_values):
         if d_model % nhead:
+            where = " (a value its range can produce)" if model.get("d_model") and model["d_model"].low else ""
             raise SpecError(
-                f"model.nhead={nhead} does not divide model.d_model={d_model}, and both can be sampled "
+                f"model.nhead={nhead} does not divide model.d_model={d_model}{where}, and both can be sampled "
                 "together; choose values that always divide, or search model.head_dim and model.nhead "
                 "(d_model = nhead * head_dim)"
             )
 
 
 def _values(param: Param | None, default: int) -> list[Any]:
+    """Every value param can take: all of an int range however long (a modulo check is cheap)."""
     if param is None:
         return [default]
-    if param.low is not None:
-        step = int(param.step or 1)
-        return list(range(int(param.low), int(param.high) + 1, step)) if not param.log else [param.low, param.high]
-    return param.candidates()
+    return param.range_values() or param.candidates()
 
 
 def _probe(spec: StudySpec) -> None:
