@@ -9,6 +9,7 @@ import pandas as pd
 from reports.document import Report, Section
 from reports.figures import ablation_figures, learning_curves
 from reports.stats import ACCURACY_RANGE, CUT_MARK, DELTA_RANGE, ablation_table
+from search.cells import cell_of
 
 
 def is_ablation(study: optuna.Study) -> bool:
@@ -21,10 +22,10 @@ def ablation_cells(study: optuna.Study) -> pd.DataFrame:
     A (variant, seed) cell with several complete trials (left by older versions after an interruption)
     keeps its first one, by trial number; the others are dropped and listed in attrs["duplicates"]."""
     rows = [
-        {"trial": t.number, "variant": t.params["variant"], "seed": t.params["seed"], "state": t.state.name.lower(),
+        {"trial": t.number, "variant": cell[0], "seed": cell[1], "state": t.state.name.lower(),
          "value": t.value if t.state == optuna.trial.TrialState.COMPLETE else math.nan}
         for t in study.get_trials(deepcopy=False)
-        if "variant" in t.params and t.state != optuna.trial.TrialState.WAITING
+        if t.state != optuna.trial.TrialState.WAITING and "variant" in t.params and (cell := cell_of(t))
     ]
     cells = pd.DataFrame(rows, columns=["trial", "variant", "seed", "state", "value"])
     extra = (cells["state"] == "complete") & cells[cells["state"] == "complete"].duplicated(["variant", "seed"])
@@ -63,6 +64,10 @@ def ablation_report(study: optuna.Study, plots: bool = False) -> Report:
              "Holm-corrected across variants; the Wilcoxon p is exact and tie-aware; "
              "d_z = mean difference / sd of differences). 95% confidence intervals are t intervals, cut where they "
              f"would leave the range an accuracy can take ({CUT_MARK} marks a cut bound).")
+    intro = (f"This study is an ablation: {len(study.user_attrs.get('rows', []))} fixed configurations (variants) "
+             f"trained over {len(seeds)} seeds each, one trial per (variant, seed) cell, compared in the table "
+             "below. In optuna-dashboard, \"Best Trial\" is just the single best cell and the importance card "
+             "has one factor to rank, `variant` (a cell's seed is a user attr); compare variants here. " + intro)
     title = f"Ablation `{study.study_name}`"
     if table.empty:
         return Report(title, [Section(text=intro), Section(text="No finished cells yet.")], csv=table, tex=table)
@@ -82,8 +87,8 @@ def ablation_report(study: optuna.Study, plots: bool = False) -> Report:
 
 def _by_seed(cells: pd.DataFrame, order: pd.Series) -> pd.DataFrame:
     text = cells["value"].map("{:.4f}".format).where(cells["state"] == "complete", cells["state"])
-    return (cells.assign(text=text).pivot_table(index="variant", columns="seed", values="text", aggfunc="last")
-            .reindex(order).rename_axis(columns="seed").fillna(""))
+    table = cells.assign(text=text).pivot_table(index="variant", columns="seed", values="text", aggfunc="last")
+    return table.reindex(order).rename(columns=lambda seed: f"seed {seed}").rename_axis(columns=None).fillna("")
 
 
 def _display(table: pd.DataFrame) -> pd.DataFrame:

@@ -113,4 +113,6 @@ def _html_table(s: Section) -> str:
     def fmt(x: float) -> str:
         return format(x, s.floatfmt)
 
-    return s.table.to_html(index=s.index, na_rep="", float_format=fmt, border=0, escape=True)
+    # The index as a plain first column: pandas would put its name on a second header row.
+    table = (s.table.reset_index() if s.index else s.table).rename_axis(columns=None)
+    return table.to_html(index=False, na_rep="", float_format=fmt, border=0, escape=True)

@@ -5,13 +5,17 @@ optuna-dashboard again replaces them instead of piling up copies.
 """
 from __future__ import annotations
 
+import math
 import re
 import warnings
 
 import optuna
 import optuna.visualization as vis
 import pandas as pd
+import plotly.colors
 import plotly.graph_objects as go
+
+from search.cells import cell_of
 
 Figures = list[tuple[str, go.Figure]]
 METRIC = "validation accuracy"
@@ -20,9 +24,10 @@ IMPORTANCE_NOTE = r"Some regimes for parameter"
 
 
 def search_figures(study: optuna.Study, frame: pd.DataFrame, searched: list[str], importances: dict,
-                   choices: list[str]) -> Figures:
+                   choices: list[str], importance_basis: str = "") -> Figures:
     """History, parallel coordinates, importances, learning curves (Optuna's plots, where the study has the
-    data), then accuracy by choice of each searched categorical parameter."""
+    data), then accuracy by choice of each searched categorical parameter. importance_basis ("from 5 complete
+    trials, too few to trust") goes into the importance chart's title."""
     complete = int((frame["state"] == "complete").sum()) if len(frame) else 0
     figures: Figures = []
     with warnings.catch_warnings():
@@ -31,10 +36,13 @@ def search_figures(study: optuna.Study, frame: pd.DataFrame, searched: list[str]
         if complete:
             figures.append(("history", vis.plot_optimization_history(study, target_name=METRIC)))
         if complete >= 2 and searched:
-            figures.append(("parallel-coordinates",
-                            vis.plot_parallel_coordinate(study, params=searched, target_name=METRIC)))
+            parallel = vis.plot_parallel_coordinate(study, params=searched, target_name=METRIC)
+            figures.append(("parallel-coordinates", declutter_axis_labels(parallel)))
         if importances:
-            figures.append(("importances", vis.plot_param_importances(study, params=list(importances))))
+            chart = vis.plot_param_importances(study, params=list(importances))
+            chart.update_layout(title=f"Hyperparameter importances ({importance_basis})" if importance_basis
+                                else chart.layout.title.text)
+            figures.append(("importances", chart))
     return figures + learning_curves(study) + choice_figures(frame, choices)
 
 
@@ -77,9 +85,48 @@ def ablation_figures(cells: pd.DataFrame, table: pd.DataFrame) -> Figures:
 
 
 def learning_curves(study: optuna.Study) -> Figures:
-    if not any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
+    """Validation accuracy at each evaluation, one line per trial; an ablation's lines are named by variant and
+    seed and coloured by variant (one legend entry per variant toggles its seeds)."""
+    trials = [t for t in study.get_trials(deepcopy=False) if t.intermediate_values]
+    if not trials:
         return []
-    return [("learning-curves", vis.plot_intermediate_values(study))]
+    cells = {t.number: cell_of(t) for t in trials}
+    if not all(cells.values()):
+        fig = vis.plot_intermediate_values(study)
+    else:
+        variants = list(dict.fromkeys(cell[0] for cell in cells.values()))
+        palette = plotly.colors.qualitative.Plotly
+        fig = go.Figure()
+        for t in trials:
+            variant, seed = cells[t.number]
+            steps, values = zip(*sorted(t.intermediate_values.items()), strict=True)
+            fig.add_trace(go.Scatter(
+                x=steps, y=values, mode="lines+markers", name=f"{variant}, seed {seed}", legendgroup=str(variant),
+                line={"color": palette[variants.index(variant) % len(palette)]},
+                hovertemplate=f"{variant}, seed {seed} (trial {t.number}, {t.state.name.lower()})<br>"
+                              "step %{x}: %{y:.4f}<extra></extra>"))
+    fig.update_layout(title=f"Learning curves: {METRIC} at each evaluation", xaxis_title="step", yaxis_title=METRIC)
+    return [("learning-curves", fig)]
+
+
+def declutter_axis_labels(fig: go.Figure, min_gap: float = 0.06) -> go.Figure:
+    """Optuna's parallel coordinates label each axis with text annotations: its ends and, on a log axis, every
+    power of ten, which collide when an end lies near one. Keep powers of ten first, then the ends, dropping
+    any label within min_gap (of the axis height) of one already kept."""
+    def rank(annotation) -> int:
+        try:
+            return 0 if math.log10(float(annotation.text)).is_integer() else 1
+        except (TypeError, ValueError):  # a category name, or a value <= 0
+            return 1
+
+    labels = [a for a in fig.layout.annotations if a.y is not None and a.x is not None]
+    kept = []
+    for a in sorted(labels, key=rank):
+        if all(b.x != a.x or abs(b.y - a.y) >= min_gap for b in kept):
+            kept.append(a)
+    others = [a for a in fig.layout.annotations if a not in labels]
+    fig.layout.annotations = others + sorted(kept, key=lambda a: (a.x, a.y))
+    return fig
 
 
 def comparison_figures(searches: list[optuna.Study], ablations: dict[str, pd.DataFrame]) -> Figures:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 
 import optuna
 import pandas as pd
@@ -13,6 +14,8 @@ from reports.figures import IMPORTANCE_NOTE, choice_figures, search_figures
 
 ATTR_COLUMNS = ("n_params", "flops_per_segment", "steps_run", "steps_per_s", "best_step", "seed",
                 "stopped_at_deadline")  # the step a trial running at the study's deadline stopped at
+COUNT_COLUMNS = ("n_params", "flops_per_segment")  # shown as 13.3 M rather than 13251584
+MIN_IMPORTANCE_TRIALS = 20  # below this many complete trials an importance is flagged as a rough hint
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
@@ -41,6 +44,42 @@ def top_trials(frame: pd.DataFrame, k: int = 10) -> pd.DataFrame:
     return done.dropna(axis=1, how="all").drop(columns=["state"], errors="ignore").reset_index(drop=True)
 
 
+def top_table(frame: pd.DataFrame, k: int, params: list[str]) -> tuple[pd.DataFrame, str]:
+    """The top-k table as a reader wants it: trial and accuracy, then the parameters in the order given (most
+    important first), then the metrics, counts human-readable. A column with one value in every shown row
+    moves to a line saying what they share, returned with the table."""
+    top = top_trials(frame, k)
+    if top.empty:
+        return top, ""
+    first = ["trial", "valid_acc", *[p for p in params if p in top]]
+    rest = [c for c in top if c not in first and c not in ATTR_COLUMNS and c != "duration_s"]  # other params
+    top = top[first + rest + [c for c in (*ATTR_COLUMNS, "duration_s") if c in top]]
+    shared = [c for c in top.columns[2:] if len(top) > 1 and top[c].nunique(dropna=False) == 1]
+    line = (f"All {len(top)} share: " + ", ".join(f"{c} = {_fmt_value(c, top[c].iloc[0])}" for c in shared)
+            if shared else "")
+    top = top.drop(columns=shared)
+    for column in COUNT_COLUMNS:
+        if column in top:
+            top[column] = top[column].map(lambda x: "" if pd.isna(x) else si_count(float(x))).astype(object)
+    return top, line
+
+
+def _fmt_value(column: str, value) -> str:
+    if pd.isna(value):
+        return ""
+    if column in COUNT_COLUMNS:
+        return si_count(float(value))
+    return format(value, ".4g") if isinstance(value, float) else str(value)
+
+
+def si_count(x: float) -> str:
+    """13251584 -> '13.3 M', 1234 -> '1.23 k', 512 -> '512' (three significant digits)."""
+    for factor, suffix in ((1e12, " T"), (1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if abs(x) >= factor:
+            return f"{x / factor:.3g}{suffix}"
+    return f"{x:.3g}"
+
+
 def best_config(study: optuna.Study) -> dict | None:
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
@@ -52,28 +91,32 @@ def search_report(study: optuna.Study, k: int = 10, plots: bool = False) -> Repo
     """Top trials, marginals per choice, importances, best config; Optuna's plots if asked. CSV: every trial."""
     frame = trials_frame(study)
     counts = summary_counts(frame)
+    searched = searched_params(study)
+    importances = param_importances(study)
+    top, shared = top_table(frame, k, [*importances, *sorted(set(searched) - set(importances))])
+    top_title = f"Top {len(top)} of {counts['complete']} complete trials (best validation accuracy)"
     sections = [
         Section(text="Trials: " + ", ".join(f"{n} {state}" for state, n in counts.items() if n)
                 if len(frame) else "No trials yet."),
-        Section(f"Top {k} complete trials (best validation accuracy)", table=top_trials(frame, k))
-        if counts["complete"] else Section(f"Top {k} complete trials (best validation accuracy)", "None complete."),
+        Section(top_title, table=top, note=shared) if counts["complete"] else
+        Section("Top complete trials", "None complete."),
     ]
     starved = budget_starved(study)
     if starved:
         sections.append(Section(text=starved))
     marginals = marginal_tables(study, frame)
     sections += [Section(f"By {name} (complete trials)", table=table, index=True) for name, table in marginals.items()]
-    importances = param_importances(study)
+    basis = importance_basis(study)
     if importances:
-        sections.append(Section("Parameter importances (Optuna's default evaluator)", floatfmt=".3f", index=True,
+        sections.append(Section(f"Parameter importances (Optuna's default evaluator, {basis.title})", floatfmt=".3f",
+                                index=True, note=basis.caveat,
                                 table=pd.Series(importances, name="importance").rename_axis("parameter").to_frame()))
     config = best_config(study)
     if config is not None:
         sections.append(Section("Best trial's run config", code=json.dumps(config, indent=2)))
-    searched = searched_params(study)
-    figures = (search_figures(study, frame, searched, importances, list(marginals)) if plots
+    figures = (search_figures(study, frame, searched, importances, list(marginals), basis.title) if plots
                else choice_figures(frame, list(marginals)))
-    return Report(f"Study `{study.study_name}`", sections, figures, csv=frame, tex=top_trials(frame, k))
+    return Report(f"Study `{study.study_name}`", sections, figures, csv=frame, tex=top)
 
 
 def budget_starved(study: optuna.Study) -> str:
@@ -126,15 +169,50 @@ def marginal_tables(study: optuna.Study, frame: pd.DataFrame) -> dict[str, pd.Da
     }
 
 
-def param_importances(study: optuna.Study) -> dict[str, float]:
-    """Optuna's importances of the searched parameters; empty when too few complete trials to estimate."""
+@dataclass(frozen=True)
+class ImportanceBasis:
+    """What importances rest on: the complete trials, and the searched parameters that varied among them."""
+
+    n_complete: int
+    varied: list[str]
+    unvaried: list[str]  # searched, but one value in every complete trial: nothing to attribute to them
+
+    @property
+    def too_few(self) -> bool:
+        return self.n_complete < MIN_IMPORTANCE_TRIALS
+
+    @property
+    def title(self) -> str:
+        return f"from {self.n_complete} complete trials" + (", too few to trust" if self.too_few else "")
+
+    @property
+    def caveat(self) -> str:
+        parts = []
+        if self.too_few:
+            parts.append(f"(!) only {self.n_complete} complete trials: importances from so few are a rough hint, "
+                         f"not a finding; trust them from about {MIN_IMPORTANCE_TRIALS} complete trials.")
+        if self.unvaried:
+            parts.append("Not ranked, one value in every complete trial: " + ", ".join(self.unvaried) + ".")
+        return " ".join(parts)
+
+
+def importance_basis(study: optuna.Study) -> ImportanceBasis:
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    searched = {n for t in complete for n, d in t.distributions.items() if not d.single()}
-    if len(complete) < 3 or not searched:
+    searched = sorted({n for t in complete for n, d in t.distributions.items() if not d.single()})
+    values = {n: {repr(t.params[n]) for t in complete if n in t.params} for n in searched}
+    return ImportanceBasis(len(complete), [n for n in searched if len(values[n]) > 1],
+                           [n for n in searched if len(values[n]) <= 1])
+
+
+def param_importances(study: optuna.Study) -> dict[str, float]:
+    """Optuna's importances of the searched parameters that varied among the complete trials, most important
+    first; empty when too few complete trials to estimate."""
+    basis = importance_basis(study)
+    if basis.n_complete < 3 or not basis.varied:
         return {}
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", IMPORTANCE_NOTE, UserWarning)
-            return dict(optuna.importance.get_param_importances(study, params=sorted(searched)))
+            return dict(optuna.importance.get_param_importances(study, params=basis.varied))
     except (RuntimeError, ValueError):  # e.g. a parameter present in too few trials to evaluate
         return {}

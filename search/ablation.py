@@ -4,7 +4,8 @@ An ablation study file is a study file whose [model]/[train] values are all fixe
   [ablation]  plan = "one_at_a_time" | "all_combinations" | "leave_one_out", seeds = [0, 1, 2],
               baseline = "config" (this file's values) or "best:STUDY" (the best trial of STUDY in the same storage)
   [variants]  name = { key = value, ... }   (model or train keys, applied on top of the baseline)
-Every (row, seed) cell is one enqueued trial with params {"variant": row, "seed": seed}; a resumed
+Every (row, seed) cell is one enqueued trial with param `variant` = row and user attr `seed` (a seed is not a
+searched factor, so optuna-dashboard's importance card must not rank it); a resumed
 ablation enqueues only the cells that have no complete, running or queued trial, and workers claim
 queued cells one at a time (Optuna pops a queued trial atomically), so no cell is trained twice.
 """
@@ -22,8 +23,9 @@ from optuna.trial import TrialState
 
 from data.packed import PackedStore
 from models import ConfigError, ModelConfig
+from search.cells import cell_of
 from search.config import RunConfig, TrainConfig
-from search.runner import RunStats, ablation_plan, cell_of, reap_stale_trials, run_trials
+from search.runner import RunStats, ablation_plan, reap_stale_trials, run_trials
 from search.spec import SpecError, StudySpec, load_raw, parse_spec
 from search.storage import load_existing_study
 from search.study import create_or_resume, train_trial
@@ -142,7 +144,7 @@ def enqueue_missing_cells(study: optuna.Study, ablation: AblationSpec, rows: dic
         TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))}
     todo = [(row, seed) for row in rows for seed in ablation.seeds if (row, seed) not in taken]
     for row, seed in todo:
-        study.enqueue_trial({"variant": row, "seed": seed})
+        study.enqueue_trial({"variant": row}, user_attrs={"seed": seed})
     return len(todo)
 
 
@@ -155,7 +157,7 @@ def run_ablation(study: optuna.Study, ablation: AblationSpec, rows: dict[str, Ru
         if cell is None or cell[0] not in rows:  # a new trial: another machine took the last queued cell
             raise optuna.TrialPruned("no ablation cell left for this trial (another worker took it)")
         row = trial.suggest_categorical("variant", list(rows))
-        seed = trial.suggest_categorical("seed", list(ablation.seeds))
+        seed = cell[1]
         cfg = rows[row]
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
         return train_trial(trial, cfg, store, artifact_store, log)

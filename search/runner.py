@@ -32,6 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 from data import DataError
 from models import ConfigError
 from search import progress
+from search.cells import cell_of
 from search.spec import SpecError
 from search.storage import sqlite_path
 
@@ -142,14 +143,6 @@ def search_plan(n_trials: int | None) -> Plan:
         return WAIT
 
     return plan
-
-
-def cell_of(trial: FrozenTrial) -> tuple[Any, Any] | None:
-    """An ablation trial's (variant, seed): its params, or for a queued trial the params it was enqueued with."""
-    params = trial.params or trial.system_attrs.get("fixed_params") or {}
-    if "variant" not in params or "seed" not in params:
-        return None
-    return params["variant"], params["seed"]
 
 
 def ablation_plan(cells: list[tuple[str, int]]) -> Plan:

@@ -1,9 +1,11 @@
 """Ablations: file validation, the three plans, a real resumable run in SQLite, and its report."""
 import pytest
-from optuna.trial import TrialState
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState, create_trial
 
 from reports import write_report
 from search.ablation import enqueue_missing_cells, load_ablation, open_ablation, run_ablation
+from search.cells import cell_of
 from search.spec import SpecError
 from tests.conftest import write_study
 
@@ -75,11 +77,20 @@ def _run(study, ablation, rows, store) -> int:
 def test_ablation_runs_every_cell_once_and_a_resume_reruns_nothing(tmp_path, tiny_store):
     ablation, rows, study = _start(tmp_path, tiny_store)
     assert _run(study, ablation, rows, tiny_store) == 6
-    cells = {(t.params["variant"], t.params["seed"]): t for t in study.trials}
+    cells = {cell_of(t): t for t in study.trials}
     assert set(cells) == {(r, s) for r in rows for s in (0, 1)}
     assert all(t.state == TrialState.COMPLETE for t in cells.values())
     assert cells[("wide", 1)].user_attrs["run_config"]["model"]["d_model"] == 24
     assert cells[("wide", 1)].user_attrs["seed"] == 1
+    # a seed is not a searched factor: only `variant` is a param, so optuna-dashboard's importance card
+    # (its own code, below) cannot rank `seed`
+    assert all(set(t.params) == {"variant"} for t in study.trials)
+    from optuna_dashboard._importance import get_param_importance_from_trials_cache
+    from optuna_dashboard._inmemory_cache import InMemoryCache
+
+    ranked = get_param_importance_from_trials_cache(InMemoryCache(), study._storage, study._study_id, 0,
+                                                    study.trials)
+    assert [item["name"] for item in ranked] == ["variant"]
     ablation, rows, study = _start(tmp_path, tiny_store)  # resume
     assert _run(study, ablation, rows, tiny_store) == 0
     assert len(study.trials) == 6
@@ -95,6 +106,17 @@ def test_ablation_runs_every_cell_once_and_a_resume_reruns_nothing(tmp_path, tin
     csv = paths[1].read_text().splitlines()
     assert csv[0].startswith("variant,n_complete,n_pruned,n_failed,mean,std,ci_low,ci_high")
     assert [line.split(",")[0] for line in csv[1:]] == ["baseline", "wide", "stats"]
+
+
+def test_an_ablation_stored_with_seed_as_a_param_resumes_and_reports(tmp_path, tiny_store):
+    """Studies made before seeds became user attrs: their cells are still found, so a resume reruns nothing."""
+    ablation, rows, study = _start(tmp_path, tiny_store)
+    dist = {"variant": CategoricalDistribution(list(rows)), "seed": CategoricalDistribution([0, 1])}
+    for i, (row, seed) in enumerate((r, s) for r in rows for s in (0, 1)):
+        study.add_trial(create_trial(params={"variant": row, "seed": seed}, distributions=dist, value=0.5 + i / 100))
+    assert enqueue_missing_cells(study, ablation, rows) == 0
+    text, _ = write_report(study, tmp_path / "out")
+    assert "0.5000" in text and "| wide " in text
 
 
 def test_failed_cells_are_reported_and_retried_on_resume(tmp_path, tiny_store):

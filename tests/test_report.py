@@ -46,7 +46,9 @@ def test_written_markdown_and_csv_and_dashboard_note(tmp_path):
     assert report_section(optuna_dashboard.get_note(study)) == text
     assert "Trials: 3 complete, 1 pruned, 1 fail" in text
     header = next(line for line in text.splitlines() if line.startswith("|"))
-    assert [c.strip() for c in header.strip("|").split("|")][:3] == ["trial", "valid_acc", "duration_s"]
+    assert [c.strip() for c in header.strip("|").split("|")] == ["trial", "valid_acc", "pooling"]
+    assert "## Top 3 of 3 complete trials" in text  # k=5 asked, 3 exist: the title says 3
+    assert "All 3 share: n_params = 100, steps_run = 300" in text  # one-value columns become a line
     assert '"pooling": "stats"' in text  # the best trial's run config
     back = pd.read_csv(paths[1])
     assert back["trial"].tolist() == [0, 1, 2, 3, 4]
@@ -60,7 +62,7 @@ def test_latex_export_has_booktabs_and_the_columns(tmp_path):
     assert paths[0].name == "r.tex"
     assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex
     header = tex.split("\\toprule")[1].split("\\\\")[0]
-    assert [c.strip() for c in header.split("&")][:3] == ["trial", "valid\\_acc", "duration\\_s"]
+    assert [c.strip() for c in header.split("&")] == ["trial", "valid\\_acc", "pooling"]
     assert "0.8000" in tex  # the best trial, 4 decimals
     renamed = optuna.create_study(study_name="my_study#2", direction="maximize")
     renamed.add_trials(_study().trials)
@@ -161,6 +163,8 @@ def test_ablation_html_has_ci_error_bars_and_cells_by_seed(tmp_path):
     study = _ablation_study()
     text, paths = write_report(study, tmp_path, formats=("md", "html"))
     assert "## Cells by seed" in text
+    assert text.split("\n\n")[1].startswith("This study is an ablation: 3 fixed configurations (variants) trained "
+                                            "over 3 seeds each") and '"Best Trial" is just the single best cell' in text
     stats_row, by_seed = (line for line in text.splitlines() if line.startswith("| stats"))
     assert [c.strip() for c in by_seed.strip("|").split("|")] == ["stats", "0.4000", "pruned", "fail"]
     assert [c.strip() for c in stats_row.strip("|").split("|")][:5] == [
@@ -328,7 +332,8 @@ def test_a_best_trial_still_rising_at_its_last_evaluation_is_flagged_budget_star
 
 
 def test_importances_of_a_seldom_drawn_conditional_parameter_print_no_warnings(tmp_path):
-    """A margin drawn in one trial only: Optuna's evaluator warns per parameter; the report stays quiet."""
+    """A margin drawn in all trials but one (the inactive regime has one trial): Optuna's evaluator warns per
+    parameter; the report stays quiet."""
     import warnings
 
     from optuna.distributions import FloatDistribution
@@ -337,12 +342,98 @@ def test_importances_of_a_seldom_drawn_conditional_parameter_print_no_warnings(t
 
     study = optuna.create_study(direction="maximize")
     losses = CategoricalDistribution(["ce", "am"])
-    for i, (loss, value) in enumerate([("ce", 0.5), ("ce", 0.6), ("am", 0.9), ("ce", 0.55), ("ce", 0.4)]):
+    for i, (loss, value) in enumerate([("am", 0.5), ("am", 0.6), ("am", 0.9), ("ce", 0.55), ("am", 0.4)]):
         params, dists = {"loss": loss, "lr": 1e-3 * (i + 1)}, {"loss": losses, "lr": FloatDistribution(1e-4, 1e-2)}
         if loss == "am":
-            params["margin"], dists["margin"] = 0.2, FloatDistribution(0.1, 0.4)
+            params["margin"], dists["margin"] = 0.1 + 0.05 * i, FloatDistribution(0.1, 0.4)
         study.add_trial(create_trial(params=params, distributions=dists, value=value))
+    with pytest.warns(UserWarning, match="Some regimes"):  # what Optuna's evaluator says on its own
+        optuna.importance.get_param_importances(study)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert set(param_importances(study)) == {"loss", "lr", "margin"}
         write_report(study, tmp_path, k=5)
+
+
+def _searched_study(n: int = 6) -> optuna.Study:
+    """A search as the CLI stores it: lr decides the accuracy, d_model and pooling vary, dropout never does."""
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    dists = {"lr": FloatDistribution(1e-5, 1e-1, log=True), "d_model": IntDistribution(32, 128),
+             "pooling": CategoricalDistribution(["mean", "stats"]), "dropout": FloatDistribution(0.0, 0.3)}
+    study = optuna.create_study(study_name="s", direction="maximize")
+    for i in range(n):
+        lr = 0.96e-4 * 1.9 ** (i % 8)  # the smallest lies a hair below 1e-4, where the log axis has a label
+        params = {"lr": lr, "d_model": 32 + 16 * (i % 3), "pooling": ["mean", "stats"][i % 2], "dropout": 0.1}
+        study.add_trial(create_trial(
+            params=params, distributions=dists, value=0.3 + 0.1 * i,
+            intermediate_values={100: 0.1 + 0.05 * i, 200: 0.3 + 0.1 * i},
+            user_attrs={"n_params": 1_234_567 + i, "flops_per_segment": 13_251_584, "steps_run": 200, "seed": i}))
+    return study
+
+
+def test_top_table_leads_with_the_searched_parameters_most_important_first(tmp_path):
+    from reports.tables import param_importances
+
+    study = _searched_study()
+    importances = param_importances(study)
+    assert list(importances)[0] == "lr" and "dropout" not in importances  # one value: nothing to attribute
+    text, paths = write_report(study, tmp_path, k=5, formats=("md", "html"))
+    top = text.split("## Top 5 of 6 complete trials (best validation accuracy)")[1].split("##")[0]
+    header, *rows = _md_rows(top)
+    assert header == ["trial", "valid_acc", *importances, "n_params", "seed"]
+    assert rows[0][:3] == ["5", "0.8", f"{0.96e-4 * 1.9**5:.4g}"] and rows[0][-2] == "1.23 M"
+    assert "All 5 share: dropout = 0.1, flops_per_segment = 13.3 M, steps_run = 200" in top
+    page = paths[1].read_text()
+    assert page.count("<thead>") == page.count("<table") == 3  # top, by pooling, importances: one header row each
+    assert all(head.count("<tr") == 1 for head in re.findall(r"<thead>(.*?)</thead>", page, re.S))
+    assert "<th>pooling</th>" in page  # a marginal table's index is its first column
+
+
+def test_importances_say_how_many_trials_they_rest_on_and_flag_too_few(tmp_path):
+    from reports.figures import search_figures
+    from reports.tables import MIN_IMPORTANCE_TRIALS, importance_basis, param_importances, searched_params
+
+    few = _searched_study(6)
+    text = to_markdown(study_report(few))
+    assert "## Parameter importances (Optuna's default evaluator, from 6 complete trials, too few to trust)" in text
+    assert f"(!) only 6 complete trials: importances from so few are a rough hint, not a finding; trust them " \
+           f"from about {MIN_IMPORTANCE_TRIALS} complete trials. Not ranked, one value in every complete trial: " \
+           "dropout." in text
+    basis = importance_basis(few)
+    figures = dict(search_figures(few, trials_frame(few), searched_params(few), param_importances(few), [],
+                                  basis.title))
+    assert figures["importances"].layout.title.text == \
+        "Hyperparameter importances (from 6 complete trials, too few to trust)"
+    enough = _searched_study(MIN_IMPORTANCE_TRIALS)
+    text = to_markdown(study_report(enough))
+    assert f"(Optuna's default evaluator, from {MIN_IMPORTANCE_TRIALS} complete trials)" in text
+    assert "(!) only" not in text
+
+
+def test_parallel_coordinate_labels_do_not_collide_on_a_log_axis():
+    from reports.figures import search_figures
+    from reports.tables import searched_params
+
+    study = _searched_study(8)
+    fig = dict(search_figures(study, trials_frame(study), searched_params(study), {}, []))["parallel-coordinates"]
+    by_axis: dict = {}
+    for a in fig.layout.annotations:
+        by_axis.setdefault(a.x, []).append((a.y, a.text))
+    lr_axis = next(labels for labels in by_axis.values() if "0.001" in dict(map(reversed, labels)))
+    assert {t for _, t in lr_axis} == {"0.0001", "0.001", "0.00858"}  # 9.6e-05 would overprint 0.0001
+    for labels in by_axis.values():
+        ys = sorted(y for y, _ in labels)
+        assert all(b - a >= 0.06 for a, b in zip(ys, ys[1:], strict=False)), labels
+
+
+def test_ablation_learning_curves_name_variant_and_seed():
+    from reports.figures import METRIC, learning_curves
+
+    fig = dict(learning_curves(_ablation_study()))["learning-curves"]
+    names = [trace.name for trace in fig.data]
+    assert names[:4] == ["baseline, seed 0", "baseline, seed 1", "baseline, seed 2", "wide, seed 0"]
+    assert len({trace.line.color for trace in fig.data if trace.legendgroup == "wide"}) == 1
+    assert fig.layout.yaxis.title.text == METRIC and fig.layout.xaxis.title.text == "step"
+    search = dict(learning_curves(_searched_study()))["learning-curves"]
+    assert search.layout.yaxis.title.text == METRIC

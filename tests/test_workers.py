@@ -10,6 +10,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from search.cells import cell_of
 from search.storage import normalize_url
 from tests.conftest import TINY_STUDY
 from tests.test_cli import ROOT, cli
@@ -146,7 +147,7 @@ stats = { pooling = "stats" }
     out, err = proc.communicate(timeout=300)  # the other worker waits out the grace period and reruns the cell
     assert proc.returncode == 0, err + out
     ts = trials("abl", url)
-    cells = [(t.params["variant"], t.params["seed"]) for t in ts if t.state == TrialState.COMPLETE]
+    cells = [cell_of(t) for t in ts if t.state == TrialState.COMPLETE]
     assert sorted(cells) == sorted({(v, s) for v in ("baseline", "stats") for s in (0, 1)})  # each exactly once
     assert ts[victim.number].state == TrialState.FAIL and n_state(ts, TrialState.RUNNING, TrialState.WAITING) == 0
     retry = [t for t in ts if t.system_attrs.get("failed_trial") == victim.number]
@@ -171,7 +172,7 @@ stats = { pooling = "stats" }
     assert proc.returncode == 130
     cli(*args, cwd=tmp_path)
     ts = trials("abi", url)
-    cells = [(t.params["variant"], t.params["seed"]) for t in ts if t.state == TrialState.COMPLETE]
+    cells = [cell_of(t) for t in ts if t.state == TrialState.COMPLETE]
     assert sorted(cells) == sorted({(v, s) for v in ("baseline", "stats") for s in (0, 1, 2)})
     assert n_state(ts, TrialState.FAIL) == 1 and n_state(ts, TrialState.RUNNING, TrialState.WAITING) == 0
     report = cli("report", str(study), "--format", "md", cwd=tmp_path)

@@ -1,0 +1,16 @@
+"""An ablation cell's identity, read from a trial. Imports only Optuna, so reports and the dashboard stay light."""
+from __future__ import annotations
+
+from typing import Any
+
+from optuna.trial import FrozenTrial
+
+
+def cell_of(trial: FrozenTrial) -> tuple[Any, Any] | None:
+    """An ablation trial's (variant, seed): the param `variant` (for a queued trial, the one it was enqueued
+    with) and the user attr `seed` (a param in studies made before seeds became user attrs)."""
+    params = trial.params or trial.system_attrs.get("fixed_params") or {}
+    seed = params.get("seed", trial.user_attrs.get("seed"))
+    if "variant" not in params or seed is None:
+        return None
+    return params["variant"], seed
