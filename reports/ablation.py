@@ -54,8 +54,9 @@ def ablation_frame(study: optuna.Study, cells: pd.DataFrame | None = None) -> pd
     return ablation_table(cells, study.user_attrs["baseline_row"])
 
 
-def ablation_report(study: optuna.Study, plots: bool = False) -> Report:
-    """The statistics table, each cell by seed, and (if asked) CI bars, deltas and learning curves."""
+def ablation_report(study: optuna.Study) -> Report:
+    """The statistics table, each cell by seed, CI bars, deltas and learning curves named by cell (all cheap,
+    none of them drawn by optuna-dashboard itself)."""
     cells = ablation_cells(study)
     table = ablation_frame(study, cells)
     seeds = study.user_attrs.get("seeds", [])
@@ -81,7 +82,7 @@ def ablation_report(study: optuna.Study, plots: bool = False) -> Report:
                 "a pruned or failed run is named instead.", table=_by_seed(cells, table["variant"]), index=True,
                 floatfmt=".4f"),
     ]
-    figures = ablation_figures(cells, table) + (learning_curves(study) if plots else [])
+    figures = ablation_figures(cells, table) + learning_curves(study)  # labelled curves: the dashboard's are not
     return Report(title, sections, figures, csv=table, tex=sections[0].table)  # LaTeX: the table as read
 
 

@@ -24,7 +24,7 @@ NOTE_END = "[//]: # (hw4-search report: end)"
 
 def study_report(study: optuna.Study, k: int = 10, plots: bool = False) -> Report:
     """An ablation's statistics report, or a search's top-k report; Optuna's plots only when `plots`."""
-    return ablation_report(study, plots) if is_ablation(study) else search_report(study, k, plots)
+    return ablation_report(study) if is_ablation(study) else search_report(study, k, plots)
 
 
 def write_report(study: optuna.Study, out: Path, k: int = 10, formats: tuple[str, ...] = DEFAULT_FORMATS

@@ -85,8 +85,9 @@ def ablation_figures(cells: pd.DataFrame, table: pd.DataFrame) -> Figures:
 
 
 def learning_curves(study: optuna.Study) -> Figures:
-    """Validation accuracy at each evaluation, one line per trial; an ablation's lines are named by variant and
-    seed and coloured by variant (one legend entry per variant toggles its seeds)."""
+    """Validation accuracy at each evaluation, one line per trial. An ablation's lines are named by variant and
+    seed and coloured by variant, as figure "ablation-learning-curves": optuna-dashboard's own learning-curve
+    plot names trials by number only, so this one is stored in the dashboard too."""
     trials = [t for t in study.get_trials(deepcopy=False) if t.intermediate_values]
     if not trials:
         return []
@@ -106,7 +107,7 @@ def learning_curves(study: optuna.Study) -> Figures:
                 hovertemplate=f"{variant}, seed {seed} (trial {t.number}, {t.state.name.lower()})<br>"
                               "step %{x}: %{y:.4f}<extra></extra>"))
     fig.update_layout(title=f"Learning curves: {METRIC} at each evaluation", xaxis_title="step", yaxis_title=METRIC)
-    return [("learning-curves", fig)]
+    return [("learning-curves" if not all(cells.values()) else "ablation-learning-curves", fig)]
 
 
 def declutter_axis_labels(fig: go.Figure, min_gap: float = 0.06) -> go.Figure:

@@ -171,7 +171,7 @@ def test_ablation_html_has_ci_error_bars_and_cells_by_seed(tmp_path):
         "stats", "1/1/1", "0.4000", "", "-0.1000 (1 pair)"]  # one seed: no std, no CI, said so
     parser, page = _parse(paths[1])
     assert parser.urls == []
-    for fig_id in ("ablation-bars", "ablation-deltas", "learning-curves"):
+    for fig_id in ("ablation-bars", "ablation-deltas", "ablation-learning-curves"):
         assert f'<div id="{fig_id}"' in page
 
     study_cells = ablation_cells(study)
@@ -222,7 +222,7 @@ def test_report_figures_go_into_the_dashboard_once(tmp_path):
 
     write_report(study, tmp_path, formats=("html",))
     first = saved()
-    assert set(first) == {"ablation-bars", "ablation-deltas"}  # learning curves: the dashboard draws its own
+    assert set(first) == {"ablation-bars", "ablation-deltas", "ablation-learning-curves"}  # curves named by cell
     assert json.loads(first["ablation-bars"])["data"][0]["x"] == ["baseline", "wide", "stats"]
     write_report(study, tmp_path, formats=("md",))
     assert saved() == first  # the same ids: replaced, not piled up
@@ -430,7 +430,7 @@ def test_parallel_coordinate_labels_do_not_collide_on_a_log_axis():
 def test_ablation_learning_curves_name_variant_and_seed():
     from reports.figures import METRIC, learning_curves
 
-    fig = dict(learning_curves(_ablation_study()))["learning-curves"]
+    fig = dict(learning_curves(_ablation_study()))["ablation-learning-curves"]
     names = [trace.name for trace in fig.data]
     assert names[:4] == ["baseline, seed 0", "baseline, seed 1", "baseline, seed 2", "wide, seed 0"]
     assert len({trace.line.color for trace in fig.data if trace.legendgroup == "wide"}) == 1
