@@ -14,3 +14,9 @@ def cell_of(trial: FrozenTrial) -> tuple[Any, Any] | None:
     if "variant" not in params or seed is None:
         return None
     return params["variant"], seed
+
+
+def identity_attrs(trial: FrozenTrial) -> dict[str, Any]:
+    """The user attrs a retry of trial must keep: an ablation cell's seed, part of which cell it is."""
+    cell = cell_of(trial)
+    return {"seed": cell[1]} if cell is not None and "seed" in trial.user_attrs else {}

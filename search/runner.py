@@ -32,7 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 from data import DataError
 from models import ConfigError
 from search import progress
-from search.cells import cell_of
+from search.cells import cell_of, identity_attrs
 from search.spec import SpecError
 from search.storage import sqlite_path
 
@@ -336,7 +336,7 @@ def retry_interrupted(study: optuna.Study) -> int:
             history = [*t.system_attrs.get("retry_history", []), t.number]
             system_attrs = {k: v for k, v in t.system_attrs.items() if k == "fixed_params"}
             study.add_trial(optuna.create_trial(
-                state=TrialState.WAITING, params=t.params, distributions=t.distributions,
+                state=TrialState.WAITING, params=t.params, distributions=t.distributions, user_attrs=identity_attrs(t),
                 system_attrs={**system_attrs, "failed_trial": history[0], "retry_history": history},
             ))
             queued += 1

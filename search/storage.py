@@ -21,6 +21,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from search.cells import identity_attrs
 from search.spec import SpecError, StudySpec
 
 ARTIFACTS_PREFIX = "artifacts:"  # optuna.artifacts' trial system-attr prefix (one per artifact)
@@ -64,12 +65,12 @@ def sqlite_path(url: str) -> Path | None:
 
 class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
     """Optuna's retry of a trial whose worker died (same parameters), without what belonged to that attempt:
-    its user attrs (worker, results) and its artifacts (the dead trial keeps its checkpoint; the retry finds
-    it through retry_history and continues from it)."""
+    its user attrs (worker, results; an ablation cell keeps its seed) and its artifacts (the dead trial keeps
+    its checkpoint; the retry finds it through retry_history and continues from it)."""
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         attempt = copy.copy(trial)
-        attempt.user_attrs = {}
+        attempt.user_attrs = identity_attrs(trial)
         attempt.system_attrs = {k: v for k, v in trial.system_attrs.items() if not k.startswith(ARTIFACTS_PREFIX)}
         super().__call__(study, attempt)
 

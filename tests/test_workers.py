@@ -175,5 +175,6 @@ stats = { pooling = "stats" }
     cells = [cell_of(t) for t in ts if t.state == TrialState.COMPLETE]
     assert sorted(cells) == sorted({(v, s) for v in ("baseline", "stats") for s in (0, 1, 2)})
     assert n_state(ts, TrialState.FAIL) == 1 and n_state(ts, TrialState.RUNNING, TrialState.WAITING) == 0
+    assert n_state(ts, TrialState.PRUNED) == 0  # the interrupted cell's retry kept its seed, so it ran that cell
     report = cli("report", str(study), "--format", "md", cwd=tmp_path)
     assert "| baseline" in report.stdout
