@@ -155,7 +155,8 @@ def searched_params(study: optuna.Study) -> list[str]:
 
 
 def marginal_tables(study: optuna.Study, frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Per searched categorical parameter: count, best and mean accuracy of the complete trials per choice."""
+    """Per searched categorical parameter with two or more choices among the complete trials: count, best and
+    mean accuracy of the complete trials per choice."""
     done = frame[frame["state"] == "complete"] if len(frame) else frame
     categorical = sorted({
         name for t in study.get_trials(deepcopy=False)
@@ -165,7 +166,7 @@ def marginal_tables(study: optuna.Study, frame: pd.DataFrame) -> dict[str, pd.Da
     return {
         name: done.groupby(name)["valid_acc"].agg(count="count", best="max", mean="mean")
         .sort_values("best", ascending=False)
-        for name in categorical if name in done and done[name].notna().any()
+        for name in categorical if name in done and done[name].nunique() > 1  # one value: nothing to compare
     }
 
 
