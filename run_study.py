@@ -6,6 +6,7 @@ nothing stored); 130 / 143 stopped by SIGINT / SIGTERM (running trials marked fa
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -34,18 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     args.argv = argv
-    from data import DataError
-    from models import ConfigError
-    from search.runner import exit_code
-    from search.spec import SpecError
-
     try:
         return args.func(args) or 0
-    except (DataError, SpecError, ConfigError) as err:
+    except _bad_input() as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as interrupt:
-        code = exit_code(interrupt)
+        runner = sys.modules.get("search.runner")  # it installs the SIGTERM handler; without it only Ctrl-C lands here
+        code = runner.exit_code(interrupt) if runner else 128 + signal.SIGINT
         name = "SIGTERM" if code == EXIT_TERMINATED else "SIGINT"
         if args.command not in ("search", "ablate"):
             print(f"interrupted ({name})", file=sys.stderr)
@@ -53,6 +50,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"interrupted ({name}): running trials are marked failed (reason 'interrupted') and rerun by "
                   "the next run; finished trials are stored. Run the same command again to resume", file=sys.stderr)
         return code
+
+
+def _bad_input() -> tuple[type[Exception], ...]:
+    """The errors that are bad input (one line, exit 2): SpecError, and DataError / ConfigError when this command
+    loaded their packages. Those import torch, which report, dashboard and status never load: a module that was
+    never imported cannot have raised."""
+    from search.studyfile import SpecError
+
+    loaded = (("data.errors", "DataError"), ("models.registry", "ConfigError"))
+    return (SpecError, *(getattr(sys.modules[module], name) for module, name in loaded if module in sys.modules))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
                        epilog=example("run-study report studies/quickstart.toml --top 5 --format md,html"))
     p.add_argument("studies", nargs="+", metavar="STUDY", help="study file or study name; several: side by side")
     _add_storage_option(p)
-    p.add_argument("--out", type=Path, help="output folder (default: results/STUDY, results/A-vs-B for several)")
+    p.add_argument("--out", type=Path, help="output folder (default: the storage's own, e.g. studies/NAME.results "
+                                            "beside studies/NAME.db; A-vs-B.* there for several)")
     p.add_argument("--top", type=int, default=10, help="how many trials to list")
     p.add_argument("--format", default="md,csv,html",
                    help="comma-separated: md, csv, tex (LaTeX, booktabs), html (offline, with figures)")
@@ -137,7 +145,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help="HW4 folder (default: the study file's data.path)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="change the trial's config, e.g. train.max_steps=5000 or data.valid_fraction=0.05")
-    p.add_argument("--out", type=Path, help="checkpoint file (default: results/STUDY/trial-N-final.pt)")
+    p.add_argument("--out", type=Path, help="checkpoint file (default: STUDY-trial-N-final.pt in the storage's "
+                                            "results folder, e.g. studies/NAME.results/)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="predict the test set (testdata.json) and write a Kaggle HW4 submission "
@@ -164,6 +173,8 @@ def _add_run_options(p: argparse.ArgumentParser, study_help: str, example: str) 
     p.add_argument("study", type=Path, help=study_help)
     p.add_argument("--data", type=Path, help="HW4 folder (overrides data.path)")
     _add_storage_option(p)
+    p.add_argument("--out", type=Path, help="folder for the end-of-run report (default: the storage's own, e.g. "
+                                            "studies/NAME.results beside studies/NAME.db)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a study-file value, e.g. train.max_steps=200 or {example}")
     loud = p.add_mutually_exclusive_group()
@@ -188,7 +199,8 @@ def _add_storage_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", metavar="URL", default=os.environ.get("OPTUNA_STORAGE") or None,
                    help="sqlite:///FILE.db, postgresql://USER@HOST/DB or mysql+pymysql://USER@HOST/DB; if not "
                         "given: $OPTUNA_STORAGE, then the study file's [study] storage, then NAME.db beside the "
-                        "study file (studies/NAME.db for a study name)")
+                        "study file (studies/NAME.db for a study name). A relative file is relative to the current "
+                        "folder here, to the study file's folder in the study file")
 
 
 def cmd_make_data(args: argparse.Namespace) -> None:
@@ -207,8 +219,9 @@ def cmd_pack(args: argparse.Namespace) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from search.spec import SpecError, load_spec
+    from search.spec import load_spec
     from search.study import run_study
+    from search.studyfile import SpecError
 
     spec = load_spec(args.study, args.overrides)
     if spec.is_ablation:
@@ -262,12 +275,12 @@ def _run(args, spec, timeout, setup, run, top: int, target, open_study=None) -> 
     import time
 
     from search import progress
-    from search.checkpoints import default_location, open_checkpoints
+    from search.artifact_store import default_location
+    from search.checkpoints import open_checkpoints
     from search.runner import RunStats, gate, handle_signals
-    from search.spec import SpecError
-    from search.storage import default_storage_url
     from search.strategies import make_pruner, make_sampler
     from search.study import create_or_resume
+    from search.studyfile import SpecError
     from search.workers import Workers, apply_placement, parse_workers
 
     handle_signals()  # only where trials run: SIGINT/SIGTERM must mark them failed, not leave them RUNNING
@@ -280,7 +293,7 @@ def _run(args, spec, timeout, setup, run, top: int, target, open_study=None) -> 
         raise SpecError(str(err)) from None
     make_sampler(spec), make_pruner(spec)  # bad arguments: one line now, before any data or storage work
     store = _open_data(spec, args.data, quiet=args.worker_id is not None)
-    url = args.storage or spec.storage or default_storage_url(spec)
+    url = args.storage or spec.storage_url
     study = (open_study or (lambda u, fp: create_or_resume(spec, u, fp)))(url, store.fingerprint)
     artifact_store = open_checkpoints(study, spec, url)
     deadline = args.deadline or (time.time() + timeout if timeout else None)
@@ -326,8 +339,9 @@ def _say_done(args, spec, study, stats, url: str, top: int) -> None:
     from reports.tables import budget_starved
     from search.checkpoints import best_checkpoint_id
     from search.progress import params_text
+    from search.storage import results_dir
 
-    text, paths = write_report(study, Path("results") / spec.name, top or 10, DEFAULT_FORMATS)
+    text, paths = write_report(study, args.out or results_dir(url, spec.path.parent), top or 10, DEFAULT_FORMATS)
     trials = study.get_trials(deepcopy=False)
     counts = ", ".join(f"{sum(t.state.name == s for t in trials)} {s.lower()}" for s in ("COMPLETE", "PRUNED", "FAIL"))
     print(f"study {spec.name!r}: {stats.summary()}; the study holds {counts}; storage {url}")
@@ -361,8 +375,8 @@ def _say_stop(stats, stream) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from reports import FORMATS, comparison_name, write_comparison
-    from search.spec import SpecError
+    from reports import FORMATS, write_comparison
+    from search.studyfile import SpecError
 
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     unknown = [f for f in formats if f not in FORMATS]
@@ -370,17 +384,21 @@ def cmd_report(args: argparse.Namespace) -> None:
         raise SpecError(f"--format {args.format!r}: unknown format {unknown[0] if unknown else ''!r}; "
                         f"valid: {', '.join(FORMATS)}")
     _check_positive("--top", args.top)
-    studies = [_load_study(name, args.storage) for name in args.studies]
+    from search.storage import load_existing_study, results_dir
+
+    found = [_find(name, args.storage) for name in args.studies]
+    studies = [load_existing_study(name, url) for name, url, _ in found]
+    out = args.out or results_dir(found[0][1], found[0][2])  # the (first) storage's own folder
     if len(studies) == 1:
-        _print_report(studies[0], args.out or Path("results") / studies[0].study_name, args.top, formats)
+        _print_report(studies[0], out, args.top, formats)
     else:
-        _print_written(*write_comparison(studies, args.out or Path("results") / comparison_name(studies), formats))
+        _print_written(*write_comparison(studies, out, formats))
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
     from optuna_dashboard import run_server
 
-    from search.checkpoints import STUDY_ATTR, study_artifact_store
+    from search.artifact_store import STUDY_ATTR, study_artifact_store
 
     study = _load_study(args.study, args.storage)
     print(f"optuna-dashboard on http://{args.host}:{args.port} (study {study.study_name!r}); Ctrl-C to stop")
@@ -401,11 +419,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     from search.runner import handle_signals
 
     handle_signals()
+    from search.storage import results_dir
+
     study, spec = _load_study_and_spec(args.study, args.storage)
     trial = pick_trial(study, args.trial)
     cfg = final_config(trial, args.overrides)
     store = _data_for(study, spec, args.data)
-    out = args.out or Path("results") / study.study_name / f"trial-{trial.number}-final.pt"
+    _, url, anchor = _find(args.study, args.storage)
+    out = args.out or results_dir(url, anchor) / f"{study.study_name}-trial-{trial.number}-final.pt"
     print(f"final fit of trial {trial.number} of study {study.study_name!r} (valid_acc "
           f"{_fmt(trial.value)} in the study): {cfg.train.max_steps} steps")
     result = fit(cfg, store, out, {"study": study.study_name, "trial": trial.number, "overrides": args.overrides})
@@ -415,7 +436,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from search import predict
-    from search.spec import SpecError
+    from search.studyfile import SpecError
 
     _check_positive("--batch-size", args.batch_size)
     _check_positive("--top-k", args.top_k)
@@ -461,34 +482,55 @@ def _print_written(text: str, paths: list[Path]) -> None:
 
 
 def _load_study(study: str, storage: str | None):
-    return _load_study_and_spec(study, storage)[0]
+    """report, dashboard, status: reads only the study file's name and storage, so no torch is imported."""
+    from search.storage import load_existing_study
+
+    name, url, _ = _find(study, storage)
+    return load_existing_study(name, url)
 
 
 def _load_study_and_spec(study: str, storage: str | None):
-    """A study named by its study file (storage from the file) or by name (with --storage, studies/NAME.toml
-    or the default storage studies/NAME.db, e.g. a study renamed with --set study.name=NAME); and its spec,
-    when named by a study file (else None)."""
-    from search.spec import SpecError, load_spec
-    from search.storage import default_storage_url, load_existing_study
+    """train, predict: the study and its validated spec (None when the study is named without its file)."""
+    from search.spec import load_spec
+    from search.storage import load_existing_study
 
+    path = _study_file(study)
+    if path is None:
+        return _load_study(study, storage), None
+    spec = load_spec(path)
+    return load_existing_study(spec.name, storage or spec.storage_url), spec
+
+
+def _study_file(study: str) -> Path | None:
+    """The study file a STUDY argument names: a path, or studies/NAME.toml for a bare NAME; None for a name."""
     path = Path(study)
     if path.suffix != ".toml" and not path.exists() and (Path("studies") / f"{study}.toml").exists():
         path = Path("studies") / f"{study}.toml"
-    if path.suffix == ".toml" or path.exists():
-        spec = load_spec(path)
-        return load_existing_study(spec.name, storage or spec.storage or default_storage_url(spec)), spec
-    if storage is None and (Path("studies") / f"{study}.db").exists():  # the default storage of a study NAME
+    return path if path.suffix == ".toml" or path.exists() else None
+
+
+def _find(study: str, storage: str | None) -> tuple[str, str, Path]:
+    """(study name, storage URL, folder that anchors default outputs) of a STUDY argument: a study file (its
+    name and storage, read without validating the rest) or a study name (with --storage, or studies/NAME.db,
+    the default storage of a study renamed with --set study.name=NAME)."""
+    from search.studyfile import SpecError, locate
+
+    path = _study_file(study)
+    if path is not None:
+        name, url = locate(path)
+        return name, storage or url, path.parent
+    if storage is None and (Path("studies") / f"{study}.db").exists():
         storage = f"sqlite:///{Path('studies') / study}.db"
     if storage is None:
         raise SpecError(f"no study file {study!r}, no studies/{study}.db and no --storage; "
                         "give a studies/NAME.toml or --storage URL")
-    return load_existing_study(study, storage), None
+    return study, storage, Path.cwd()
 
 
 def _data_for(study, spec, override: Path | None):
     """The dataset a study was run on: --data or the study file's; refused if it is other data."""
     from data import DataError
-    from search.spec import SpecError
+    from search.studyfile import SpecError
 
     if spec is None and override is None:
         raise SpecError(f"study {study.study_name!r} named without its study file: give --data DIR")
@@ -514,7 +556,7 @@ def _open_data_folder(path: Path):
 
 def _open_data(spec, override: Path | None, quiet: bool = False):
     from data.synthetic import make_synthetic
-    from search.spec import SpecError
+    from search.studyfile import SpecError
 
     path = override or spec.data_path
     if path is None:
@@ -530,7 +572,7 @@ def _open_data(spec, override: Path | None, quiet: bool = False):
 
 
 def _check_positive(flag: str, value: float | None) -> None:
-    from search.spec import SpecError
+    from search.studyfile import SpecError
 
     if value is not None and value <= 0:
         raise SpecError(f"{flag}={value} must be positive")

@@ -15,7 +15,7 @@ import search.study as study_module
 from data import open_store
 from data.synthetic import make_synthetic
 from search import runner
-from search.checkpoints import open_artifact_store
+from search.artifact_store import open_artifact_store
 from search.spec import load_spec
 from search.study import create_or_resume, run_study
 from tests.conftest import write_study

@@ -23,6 +23,7 @@ from filelock import FileLock
 from numpy.lib.format import open_memmap
 
 from data.errors import DataError
+from data.files import staging_dir
 from data.hw4 import HW4Index, fingerprint, load_feature, read_index
 
 FORMAT_VERSION = 1
@@ -146,7 +147,7 @@ def _build(index: HW4Index, fp: str, pack_dir: Path) -> None:
     for prefix in (".building-", ".stale-"):
         for leftover in pack_dir.parent.glob(prefix + "*"):
             shutil.rmtree(leftover, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=pack_dir.parent))
+    tmp = staging_dir(".building-", pack_dir.parent)
     try:
         _write_pack(index, fp, tmp)
         _swap_in(tmp, pack_dir)

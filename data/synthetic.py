@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from data.errors import DataError
+from data.files import staging_dir
 
 # Bump when the generator's output changes, so an old folder is not taken for a new one.
 GENERATOR_VERSION = 1
@@ -101,7 +101,7 @@ def make_synthetic(
     if _already_generated(out, args):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = staging_dir(f".{out.name}.partial-", out.parent)
     try:
         _write_dataset(tmp, args)
         (tmp / MARKER_FILE).write_text(json.dumps(args, indent=2) + "\n")

@@ -26,9 +26,10 @@ from models import ConfigError, ModelConfig
 from search.cells import cell_of
 from search.config import RunConfig, TrainConfig
 from search.runner import RunStats, ablation_plan, reap_stale_trials, run_trials
-from search.spec import SpecError, StudySpec, load_raw, parse_spec
+from search.spec import StudySpec, parse_spec
 from search.storage import load_existing_study
 from search.study import create_or_resume, train_trial
+from search.studyfile import SpecError, load_raw
 
 PLANS = ("one_at_a_time", "all_combinations", "leave_one_out")
 MODEL_KEYS = {f.name for f in fields(ModelConfig)}

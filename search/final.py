@@ -13,7 +13,7 @@ from models import ConfigError
 from search.checkpoints import model_checkpoint
 from search.config import RunConfig
 from search.runner import poll_interrupt
-from search.spec import SpecError, apply_override
+from search.studyfile import SpecError, apply_override
 from search.train import TrainResult, train
 
 

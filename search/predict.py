@@ -18,7 +18,8 @@ from data import DataError
 from data.batches import fixed_valid_batches
 from data.packed import PackedStore
 from models import build_model
-from search.checkpoints import CHECKPOINT_FORMAT, best_checkpoint_id, load, load_file, study_artifact_store
+from search.artifact_store import study_artifact_store
+from search.checkpoints import CHECKPOINT_FORMAT, best_checkpoint_id, load, load_file
 from search.config import RunConfig
 from search.final import pick_trial
 from search.spec import SpecError

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,17 +16,13 @@ import optuna
 from models import ConfigError, ModelConfig
 from models.config import known_keys
 from search.config import DataConfig, RunConfig, TrainConfig
+from search.studyfile import SECTIONS, SpecError, beside, default_storage_url, load_raw, storage_in_file
 
-SECTIONS = ("study", "data", "sampler", "pruner", "model", "train", "ablation", "variants")
 STUDY_KEYS = ("name", "seed", "n_trials", "timeout", "workers", "storage", "artifacts", "heartbeat_interval",
               "grace_period", "max_failures_in_row")
 DATA_KEYS = ("path", "synthetic", *(f.name for f in fields(DataConfig)))
 RANGE_KEYS = {"low", "high", "log", "step"}
 VIRTUAL_MODEL_KEYS = ("head_dim",)  # searched instead of d_model: d_model = nhead * head_dim
-
-
-class SpecError(ValueError):
-    """A bad study file or override, worded for the user: names the file, the key and what is valid."""
 
 
 MAX_LISTED_VALUES = 4096  # an int range up to this long is validated value by value
@@ -101,6 +96,11 @@ class StudySpec:
     # [model.when.PARENT.CHOICE]: keys sampled only in trials where model.PARENT took CHOICE.
     when: dict[str, dict[str, dict[str, Param]]] = field(default_factory=dict)
 
+    @property
+    def storage_url(self) -> str:
+        """[study] storage, else sqlite:///NAME.db beside the study file."""
+        return self.storage or default_storage_url(self.path, self.name)
+
     def run_config(self, trial: optuna.Trial) -> RunConfig:
         """Sample (or fix) every [model]/[train] value for one trial; conditional keys only when active."""
         model = {name: p.suggest(trial) for name, p in self.model.items()}
@@ -151,45 +151,6 @@ def parse_spec(path: Path, raw: dict[str, Any]) -> StudySpec:
         raise SpecError(f"{path}: {err}") from None
 
 
-def load_raw(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Path, dict[str, Any]]:
-    """The study file's TOML as a dict, with the --set overrides applied."""
-    path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise SpecError(f"{path}: study file not found") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise SpecError(f"{path}: cannot read study file ({err})") from None
-    except tomllib.TOMLDecodeError as err:
-        raise SpecError(f"{path}: not valid TOML ({err})") from None
-    try:
-        for item in overrides:
-            apply_override(raw, item)
-    except SpecError as err:
-        raise SpecError(f"{path}: {err}") from None
-    return path, raw
-
-
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one `--set section.key=value` (value parsed as TOML, else taken as a plain string)."""
-    key, sep, text = item.partition("=")
-    parts = key.strip().split(".")
-    if not sep or len(parts) < 2 or not all(parts):
-        raise SpecError(f"--set {item!r} must look like section.key=value, e.g. train.max_steps=200")
-    if parts[0] not in SECTIONS:
-        raise SpecError(f"--set {item!r}: unknown section {parts[0]!r}; valid: {', '.join(SECTIONS)}")
-    try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text.strip()
-    table = raw
-    for part in parts[:-1]:
-        table = table.setdefault(part, {})
-        if not isinstance(table, dict):
-            raise SpecError(f"--set {item!r}: {part!r} is not a table")
-    table[parts[-1]] = value
-
-
 def _parse(path: Path, raw: dict[str, Any]) -> StudySpec:
     _only(raw, SECTIONS, "section ")
     study, data = _table(raw, "study"), _table(raw, "data")
@@ -205,12 +166,13 @@ def _parse(path: Path, raw: dict[str, Any]) -> StudySpec:
         n_trials=_positive(study, "n_trials", int),
         timeout=_positive(study, "timeout", (int, float)),
         workers=_workers(study.get("workers")),
-        storage=_typed(study, "study.storage", "storage", str, None),
-        artifacts=_typed(study, "study.artifacts", "artifacts", str, None),
+        storage=_in_file(path, _typed(study, "study.storage", "storage", str, None), storage_in_file),
+        artifacts=_in_file(path, _typed(study, "study.artifacts", "artifacts", str, None),
+                           lambda p, v: v if "://" in v else str(beside(p, v))),
         heartbeat_interval=_positive(study, "heartbeat_interval", int) or 30,
         grace_period=_positive(study, "grace_period", int) or 120,
         max_failures_in_row=_positive(study, "max_failures_in_row", int) or 5,
-        data_path=Path(data["path"]) if isinstance(data.get("path"), str) else None,
+        data_path=beside(path, data["path"]) if isinstance(data.get("path"), str) else None,
         synthetic=_typed(data, "data.synthetic", "synthetic", dict, None),
         data=DataConfig(**{k: v for k, v in data.items() if k not in ("path", "synthetic")}),
         sampler=_strategy(raw, "sampler", "tpe"),
@@ -226,6 +188,11 @@ def _parse(path: Path, raw: dict[str, Any]) -> StudySpec:
     _check_conditions(spec)
     _probe(spec)
     return spec
+
+
+def _in_file(path: Path, value: str | None, resolve) -> str | None:
+    """A location written in the study file, made relative to the study file's folder (see search.studyfile)."""
+    return None if value is None else resolve(path, value)
 
 
 def _table(raw: dict[str, Any], key: str) -> dict[str, Any]:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
 import random
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from search.cells import identity_attrs
-from search.spec import SpecError, StudySpec
+from search.studyfile import SpecError, near
 
 ARTIFACTS_PREFIX = "artifacts:"  # optuna.artifacts' trial system-attr prefix (one per artifact)
 MAX_RETRY = 2  # a trial whose worker died (no heartbeat) is re-run with the same parameters at most this often
@@ -32,13 +32,6 @@ RACE_ATTEMPTS = 12  # schema/study creation attempts when other processes create
 FALLBACK_DRIVERS = {"postgresql": ("psycopg", "psycopg2"), "mysql": ("MySQLdb", "pymysql"),
                     "mariadb": ("MySQLdb", "pymysql")}
 T = TypeVar("T")
-
-
-def default_storage_url(spec: StudySpec) -> str:
-    """sqlite:///<study file's folder>/<name>.db (git-ignored), relative to the cwd when that is shorter."""
-    path = spec.path.parent / f"{spec.name}.db"
-    relative = os.path.relpath(path)
-    return f"sqlite:///{relative if not relative.startswith('..') else path.resolve()}"
 
 
 def normalize_url(url: str) -> str:
@@ -61,6 +54,20 @@ def sqlite_path(url: str) -> Path | None:
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
     return Path(parsed.database)
+
+
+def results_dir(url: str, anchor: Path) -> Path:
+    """The default folder of a storage's reports and final fits, one per storage, so two storages that hold
+    studies of the same name never write to the same place: <db file without .db>.results beside an SQLite
+    file; for a database server, <anchor>/<backend>-<host>-<database>.results (anchor: the study file's
+    folder, else the working directory)."""
+    driver_url = normalize_url(url)
+    db = sqlite_path(driver_url)
+    if db is not None:
+        return near(db.with_suffix(".results"))
+    parsed = make_url(driver_url)
+    label = f"{parsed.get_backend_name()}-{parsed.host or 'local'}-{parsed.database or 'memory'}"
+    return near(anchor / (re.sub(r"[^A-Za-z0-9_.-]+", "-", label) + ".results"))
 
 
 class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):

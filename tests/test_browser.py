@@ -20,7 +20,8 @@ import optuna
 import optuna_dashboard
 import pytest
 
-from search.checkpoints import artifacts, open_artifact_store
+from search.artifact_store import open_artifact_store
+from search.checkpoints import artifacts
 from tests.conftest import write_study
 from tests.test_cli import FAST
 from tests.test_dashboard import _free_port, _get
@@ -74,7 +75,7 @@ def _console_errors(page: "Page") -> list[str]:
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory: pytest.TempPathFactory, tiny_synthetic: Path) -> Path:
     """A 2-trial study run by the real CLI in a fresh folder: STUDY.db, the dashboard note and figures,
-    and results/STUDY/STUDY.html."""
+    and STUDY.results/STUDY.html."""
     cwd = tmp_path_factory.mktemp("browser")
     study_file = write_study(cwd / f"{STUDY}.toml", BODY)
     run = subprocess.run(
@@ -83,7 +84,7 @@ def searched(tmp_path_factory: pytest.TempPathFactory, tiny_synthetic: Path) -> 
         cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=180,
     )
     assert run.returncode == 0, run.stderr
-    assert (cwd / f"{STUDY}.db").exists() and (cwd / "results" / STUDY / f"{STUDY}.html").exists()
+    assert (cwd / f"{STUDY}.db").exists() and (cwd / f"{STUDY}.results" / f"{STUDY}.html").exists()
     study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{cwd / f'{STUDY}.db'}")
     assert CHECKPOINT in artifacts(study.trials[0], study._storage)  # uploaded by training
     return cwd
@@ -186,7 +187,7 @@ def test_dashboard_shows_note_figures_and_checkpoint(browser, searched: Path, da
 
 
 def test_offline_report_draws_every_figure_without_network(browser, searched: Path) -> None:
-    html = searched / "results" / STUDY / f"{STUDY}.html"
+    html = searched / f"{STUDY}.results" / f"{STUDY}.html"
     n_figures = html.read_text().count('class="plotly-graph-div"')
     assert n_figures > 0
 

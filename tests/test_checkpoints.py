@@ -12,7 +12,8 @@ from optuna.trial import TrialState
 
 from data.batches import fixed_valid_batches, split
 from models import build_model
-from search.checkpoints import artifacts, best_name, load, study_artifact_store
+from search.artifact_store import study_artifact_store
+from search.checkpoints import artifacts, best_name, load
 from search.config import RunConfig
 from search.storage import load_existing_study, normalize_url
 from search.train import evaluate
@@ -117,7 +118,7 @@ def test_study_artifacts_setting_puts_checkpoints_there_and_the_study_remembers(
 def test_artifact_locations_are_checked():
     import importlib.util
 
-    from search.checkpoints import open_artifact_store
+    from search.artifact_store import open_artifact_store
     from search.spec import SpecError
 
     with pytest.raises(SpecError, match="ftp://x/y.*use a folder, s3://BUCKET/PREFIX or gs://BUCKET/PREFIX"):
@@ -131,7 +132,7 @@ def test_a_bucket_prefix_keeps_ids_under_it():
     """s3://BUCKET/PREFIX: Optuna's bucket stores take no prefix; the wrapper puts every id under it."""
     import io
 
-    from search.checkpoints import _Prefixed
+    from search.artifact_store import _Prefixed
 
     class Bucket:  # the ArtifactStore protocol over a dict, as a bucket holds keys
         def __init__(self) -> None:

@@ -57,7 +57,7 @@ def test_make_data_search_and_report_end_to_end(tmp_path):
     study = write_study(tmp_path / "e2e.toml", FAST)
     run = cli("search", str(study), "--data", "ds", "--n-trials", "2", cwd=tmp_path)
     # a short summary, not the whole report: the best trial, where things are, what to run next
-    assert "## Top" not in run.stdout and "best: trial " in run.stdout and "report: results/e2e/e2e.md" in run.stdout
+    assert "## Top" not in run.stdout and "best: trial " in run.stdout and "report: e2e.results/e2e.md" in run.stdout
     assert f"run-study predict {study} --data ds --top-k 3" in run.stdout and "run-study dashboard" in run.stdout
     loaded = optuna.load_study(study_name="e2e", storage=f"sqlite:///{tmp_path / 'e2e.db'}")
     assert [t.state for t in loaded.trials] == [TrialState.COMPLETE] * 2
@@ -72,7 +72,7 @@ def test_make_data_search_and_report_end_to_end(tmp_path):
     optuna.create_study(study_name="copy", storage=url, direction="maximize").add_trials(loaded.trials[:1])
     side = cli("report", str(study), "copy", "--storage", url, "--format", "md,csv", cwd=tmp_path)
     assert "# Studies `e2e`, `copy`" in side.stdout
-    rows = (tmp_path / "results" / "e2e-vs-copy" / "e2e-vs-copy.csv").read_text().splitlines()
+    rows = (tmp_path / "e2e.results" / "e2e-vs-copy.csv").read_text().splitlines()  # the first storage's folder
     assert [line.split(",")[:3] for line in rows[1:]] == [["e2e", "search", "2"], ["copy", "search", "1"]]
     assert_one_line_error(cli("report", str(study), "nope", "--storage", url, cwd=tmp_path, check=False), "nope")
     (tmp_path / "studies").mkdir()  # a study found by name in its default storage studies/NAME.db

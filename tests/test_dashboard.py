@@ -111,7 +111,7 @@ def test_report_replaces_only_its_section_of_a_note_the_user_edited(tmp_path, mo
         for _ in range(2):
             assert run_study.main(report) == 0
         body = json.loads(_get(f"{base}/api/studies/{study._study_id}")[1])["note"]["body"]
-    text = (tmp_path / "results" / "notes" / "notes.md").read_text()
+    text = (tmp_path / "notes.results" / "notes.md").read_text()  # beside notes.db
     assert "Trials: 4 complete" in text
     assert body.startswith(above) and body.endswith(below)
     assert body.count(NOTE_BEGIN) == body.count(NOTE_END) == 1 and body.count("# Study `notes`") == 1

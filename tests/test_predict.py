@@ -12,7 +12,8 @@ import torch
 import run_study
 from data import open_store
 from search import predict
-from search.checkpoints import best_checkpoint_id, load, study_artifact_store
+from search.artifact_store import study_artifact_store
+from search.checkpoints import best_checkpoint_id, load
 from tests.conftest import write_study
 from tests.test_cli import FAST, cli
 

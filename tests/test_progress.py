@@ -31,7 +31,7 @@ def test_off_a_tty_one_line_per_evaluation_and_a_short_summary(tmp_path, tiny_sy
     assert "trial 1 complete: valid_acc" in err and "2/2 finished)" in err
     assert "Trial 0 finished with value" not in err  # Optuna's own INFO lines only with -v
     assert "best: trial " in out and "checkpoint: trial-" in out and "next: run-study train" in out
-    assert "report: results/watch/watch.md" in out
+    assert "report: watch.results/watch.md" in out
     assert "| trial |" not in out.replace(" ", "").replace("|trial|", "| trial |")  # the table is in the files
     assert "## Top" not in out
 

@@ -3,7 +3,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from search.spec import SpecError, apply_override, load_spec
+from search.spec import SpecError, load_spec
+from search.studyfile import apply_override
 from tests.conftest import write_study
 
 STUDIES = sorted(Path(__file__).resolve().parent.parent.joinpath("studies").glob("*.toml"))
