@@ -28,7 +28,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 CONFIDENCE = 0.95
 ALPHA = 0.05
@@ -61,6 +60,14 @@ TABLE_COLUMNS = [
     "ci_high",
     *COMPARISON_COLUMNS,
 ]
+
+
+def _scipy_stats():
+    """scipy.stats, imported on first use: its import costs about a second, and a search's report (most
+    reports) never needs it."""
+    from scipy import stats
+
+    return stats
 
 
 def _finite_array(values: Sequence[float] | np.ndarray, what: str) -> np.ndarray:
@@ -96,7 +103,7 @@ def _t_interval(x: np.ndarray, bounds: tuple[float, float]) -> tuple[float, floa
     sem = float(np.std(x, ddof=1)) / math.sqrt(n)
     if sem == 0.0:  # scipy rejects scale=0; the interval degenerates to the mean
         return mean, mean
-    low, high = stats.t.interval(CONFIDENCE, df=n - 1, loc=mean, scale=sem)
+    low, high = _scipy_stats().t.interval(CONFIDENCE, df=n - 1, loc=mean, scale=sem)
     return max(float(low), bounds[0]), min(float(high), bounds[1])
 
 
@@ -147,7 +154,7 @@ def _p_ttest(diffs: np.ndarray) -> float:
         return math.nan
     if np.all(diffs == diffs[0]):
         return 1.0 if diffs[0] == 0.0 else 0.0
-    return float(stats.ttest_1samp(diffs, 0.0).pvalue)
+    return float(_scipy_stats().ttest_1samp(diffs, 0.0).pvalue)
 
 
 def _p_wilcoxon(diffs: np.ndarray) -> float:
@@ -164,7 +171,7 @@ def _p_wilcoxon(diffs: np.ndarray) -> float:
     nonzero = diffs[diffs != 0.0]
     if nonzero.size == 0:
         return 1.0
-    ranks = np.rint(2.0 * stats.rankdata(np.abs(nonzero))).astype(int)
+    ranks = np.rint(2.0 * _scipy_stats().rankdata(np.abs(nonzero))).astype(int)
     w_plus = int(ranks[nonzero > 0].sum())
     null = np.zeros(int(ranks.sum()) + 1)
     null[0] = 1.0

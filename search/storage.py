@@ -131,7 +131,8 @@ def load_existing_study(name: str, url: str) -> optuna.Study:
         raise SpecError(f"no study {name!r}: storage file {path} does not exist (run `run-study search` first, "
                         "or give --storage URL)")
     storage = open_storage(url)
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-    if name not in names:
-        raise SpecError(f"no study {name!r} in {url}; studies there: {', '.join(names) or 'none'}")
-    return optuna.load_study(study_name=name, storage=storage)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:  # only then list the names: summaries of every study would read every best trial
+        names = optuna.get_all_study_names(storage)
+        raise SpecError(f"no study {name!r} in {url}; studies there: {', '.join(names) or 'none'}") from None
