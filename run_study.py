@@ -376,6 +376,7 @@ def _say_stop(stats, stream) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     from reports import FORMATS, write_comparison
+    from search.storage import load_existing_study, results_dir
     from search.studyfile import SpecError
 
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
@@ -384,8 +385,6 @@ def cmd_report(args: argparse.Namespace) -> None:
         raise SpecError(f"--format {args.format!r}: unknown format {unknown[0] if unknown else ''!r}; "
                         f"valid: {', '.join(FORMATS)}")
     _check_positive("--top", args.top)
-    from search.storage import load_existing_study, results_dir
-
     found = [_find(name, args.storage) for name in args.studies]
     studies = [load_existing_study(name, url) for name, url, _ in found]
     out = args.out or results_dir(found[0][1], found[0][2])  # the (first) storage's own folder
@@ -419,14 +418,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     from search.runner import handle_signals
 
     handle_signals()
-    from search.storage import results_dir
-
-    study, spec = _load_study_and_spec(args.study, args.storage)
+    study, spec, results = _load_study_and_spec(args.study, args.storage)
     trial = pick_trial(study, args.trial)
     cfg = final_config(trial, args.overrides)
     store = _data_for(study, spec, args.data)
-    _, url, anchor = _find(args.study, args.storage)
-    out = args.out or results_dir(url, anchor) / f"{study.study_name}-trial-{trial.number}-final.pt"
+    out = args.out or results / f"{study.study_name}-trial-{trial.number}-final.pt"
     print(f"final fit of trial {trial.number} of study {study.study_name!r} (valid_acc "
           f"{_fmt(trial.value)} in the study): {cfg.train.max_steps} steps")
     result = fit(cfg, store, out, {"study": study.study_name, "trial": trial.number, "overrides": args.overrides})
@@ -446,7 +442,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
             raise SpecError("--trial and --top-k choose trials of a study; a checkpoint file is one model")
         checkpoints, spec = [predict.from_file(source)], None
     else:
-        study, spec = _load_study_and_spec(args.source, args.storage)
+        study, spec, _ = _load_study_and_spec(args.source, args.storage)
         checkpoints = predict.from_study(study, args.trial, args.top_k)
     data = args.data or (spec.data_path if spec else None)
     if data is None:
@@ -490,15 +486,15 @@ def _load_study(study: str, storage: str | None):
 
 
 def _load_study_and_spec(study: str, storage: str | None):
-    """train, predict: the study and its validated spec (None when the study is named without its file)."""
+    """train, predict: the study, its validated spec (None when the study is named without its file) and the
+    storage's results folder."""
     from search.spec import load_spec
-    from search.storage import load_existing_study
+    from search.storage import load_existing_study, results_dir
 
+    name, url, anchor = _find(study, storage)
     path = _study_file(study)
-    if path is None:
-        return _load_study(study, storage), None
-    spec = load_spec(path)
-    return load_existing_study(spec.name, storage or spec.storage_url), spec
+    spec = load_spec(path) if path is not None else None
+    return load_existing_study(name, url), spec, results_dir(url, anchor)
 
 
 def _study_file(study: str) -> Path | None:

@@ -92,7 +92,8 @@ def learning_curves(study: optuna.Study) -> Figures:
     if not trials:
         return []
     cells = {t.number: cell_of(t) for t in trials}
-    if not all(cells.values()):
+    ablation = all(cells.values())
+    if not ablation:
         fig = vis.plot_intermediate_values(study)
     else:
         variants = list(dict.fromkeys(cell[0] for cell in cells.values()))
@@ -107,7 +108,7 @@ def learning_curves(study: optuna.Study) -> Figures:
                 hovertemplate=f"{variant}, seed {seed} (trial {t.number}, {t.state.name.lower()})<br>"
                               "step %{x}: %{y:.4f}<extra></extra>"))
     fig.update_layout(title=f"Learning curves: {METRIC} at each evaluation", xaxis_title="step", yaxis_title=METRIC)
-    return [("learning-curves" if not all(cells.values()) else "ablation-learning-curves", fig)]
+    return [("ablation-learning-curves" if ablation else "learning-curves", fig)]
 
 
 def declutter_axis_labels(fig: go.Figure, min_gap: float = 0.06) -> go.Figure:

@@ -60,15 +60,17 @@ def top_table(frame: pd.DataFrame, k: int, params: list[str]) -> tuple[pd.DataFr
     top = top.drop(columns=shared)
     for column in COUNT_COLUMNS:
         if column in top:
-            top[column] = top[column].map(lambda x: "" if pd.isna(x) else si_count(float(x))).astype(object)
+            top[column] = top[column].map(_fmt_count).astype(object)
     return top, line
 
 
+def _fmt_count(value) -> str:
+    return "" if pd.isna(value) else si_count(float(value))
+
+
 def _fmt_value(column: str, value) -> str:
-    if pd.isna(value):
-        return ""
-    if column in COUNT_COLUMNS:
-        return si_count(float(value))
+    if column in COUNT_COLUMNS or pd.isna(value):
+        return _fmt_count(value)
     return format(value, ".4g") if isinstance(value, float) else str(value)
 
 
@@ -92,7 +94,8 @@ def search_report(study: optuna.Study, k: int = 10, plots: bool = False) -> Repo
     frame = trials_frame(study)
     counts = summary_counts(frame)
     searched = searched_params(study)
-    importances = param_importances(study)
+    basis = importance_basis(study)
+    importances = param_importances(study, basis)
     top, shared = top_table(frame, k, [*importances, *sorted(set(searched) - set(importances))])
     top_title = f"Top {len(top)} of {counts['complete']} complete trials (best validation accuracy)"
     sections = [
@@ -106,7 +109,6 @@ def search_report(study: optuna.Study, k: int = 10, plots: bool = False) -> Repo
         sections.append(Section(text=starved))
     marginals = marginal_tables(study, frame)
     sections += [Section(f"By {name} (complete trials)", table=table, index=True) for name, table in marginals.items()]
-    basis = importance_basis(study)
     if importances:
         sections.append(Section(f"Parameter importances (Optuna's default evaluator, {basis.title})", floatfmt=".3f",
                                 index=True, note=basis.caveat,
@@ -205,10 +207,10 @@ def importance_basis(study: optuna.Study) -> ImportanceBasis:
                            [n for n in searched if len(values[n]) <= 1])
 
 
-def param_importances(study: optuna.Study) -> dict[str, float]:
+def param_importances(study: optuna.Study, basis: ImportanceBasis | None = None) -> dict[str, float]:
     """Optuna's importances of the searched parameters that varied among the complete trials, most important
-    first; empty when too few complete trials to estimate."""
-    basis = importance_basis(study)
+    first; empty when too few complete trials to estimate. `basis`: importance_basis(study), if already read."""
+    basis = basis or importance_basis(study)
     if basis.n_complete < 3 or not basis.varied:
         return {}
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
 
-from search.storage import sqlite_path
+from search.storage import beside_sqlite
 from search.studyfile import SpecError
 
 STUDY_ATTR = "artifacts"  # study user attr: where this study's artifacts live
@@ -16,10 +16,7 @@ STUDY_ATTR = "artifacts"  # study user attr: where this study's artifacts live
 
 def default_location(storage_url: str, study_file: Path) -> str:
     """<db file without .db>.artifacts beside an SQLite storage; else <study file folder>/<name>.artifacts."""
-    db = sqlite_path(storage_url)
-    if db is not None:
-        return str(db.with_suffix(".artifacts"))
-    return str(study_file.with_suffix(".artifacts"))
+    return str(beside_sqlite(storage_url, ".artifacts") or study_file.with_suffix(".artifacts"))
 
 
 def open_artifact_store(location: str):

@@ -56,16 +56,21 @@ def sqlite_path(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+def beside_sqlite(url: str, suffix: str) -> Path | None:
+    """<db file without .db><suffix> for an SQLite storage (a storage's own folders sit beside it); None else."""
+    db = sqlite_path(normalize_url(url))
+    return None if db is None else db.with_suffix(suffix)
+
+
 def results_dir(url: str, anchor: Path) -> Path:
     """The default folder of a storage's reports and final fits, one per storage, so two storages that hold
     studies of the same name never write to the same place: <db file without .db>.results beside an SQLite
     file; for a database server, <anchor>/<backend>-<host>-<database>.results (anchor: the study file's
     folder, else the working directory)."""
-    driver_url = normalize_url(url)
-    db = sqlite_path(driver_url)
-    if db is not None:
-        return near(db.with_suffix(".results"))
-    parsed = make_url(driver_url)
+    beside = beside_sqlite(url, ".results")
+    if beside is not None:
+        return near(beside)
+    parsed = make_url(normalize_url(url))
     label = f"{parsed.get_backend_name()}-{parsed.host or 'local'}-{parsed.database or 'memory'}"
     return near(anchor / (re.sub(r"[^A-Za-z0-9_.-]+", "-", label) + ".results"))
 

@@ -124,3 +124,14 @@ def test_created_dataset_and_pack_folders_follow_the_umask(tmp_path):
     packs = [p for p in (root / ".hw4pack").iterdir() if p.is_dir()]
     for folder in (root, *packs):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
+
+
+def test_each_storage_has_its_own_results_folder(tmp_path):
+    from search.artifact_store import default_location
+    from search.storage import results_dir
+
+    assert results_dir(f"sqlite:///{tmp_path}/a.db", tmp_path) == tmp_path / "a.results"
+    assert default_location(f"sqlite:///{tmp_path}/a.db", tmp_path / "q.toml") == str(tmp_path / "a.artifacts")
+    servers = {results_dir(url, tmp_path) for url in ("postgresql://u@db1:5432/hw4", "postgresql://u@db2/hw4",
+                                                       "mysql+pymysql://root@db1/hw4", "postgresql://u@db1/other")}
+    assert tmp_path / "postgresql-db1-hw4.results" in servers and len(servers) == 4  # one folder per server db

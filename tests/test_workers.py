@@ -131,15 +131,15 @@ def test_sigint_and_sigterm_stop_cleanly_and_the_rerun_retries(tmp_path, tiny_sy
     assert {t.params["lr"] for t in retried} == {t.params["lr"] for t in stopped}
 
 
-def test_killed_ablation_worker_cell_is_retried_once_and_every_cell_completes(tmp_path, tiny_synthetic):
+def test_killed_ablation_worker_cell_is_retried_once_and_every_cell_completes(tmp_path, tiny_synthetic, storage_url):
     study = write_study(tmp_path / "abl.toml", fixed(400) + """
 [ablation]
 seeds = [0, 1]
 [variants]
 stats = { pooling = "stats" }
 """)
-    url = f"sqlite:///{tmp_path / 'abl.db'}"
-    args = ("ablate", str(study), "--data", str(tiny_synthetic), "--workers", "2")
+    url = storage_url  # SQLite, PostgreSQL and MariaDB: the retried cell keeps its seed attr on each
+    args = ("ablate", str(study), "--data", str(tiny_synthetic), "--workers", "2", "--storage", url)
     proc = start(*args, cwd=tmp_path)
     running = wait_for(lambda ts: n_state(ts, TrialState.RUNNING) == 2, "abl", url)
     victim = next(t for t in running if t.state == TrialState.RUNNING)
