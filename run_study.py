@@ -1,7 +1,10 @@
 """run-study: search, ablate and report on speaker-classification models (ML2023Spring HW4 format).
 
-Exit codes: 0 done; 1 every trial this run started failed; 2 bad input (one line `error: ...` on stderr,
-nothing stored); 130 / 143 stopped by SIGINT / SIGTERM (running trials marked failed, retried next run).
+Exit codes: 0 the asked work is done (or its --timeout reached); 1 every trial this run started failed on its
+own; 2 bad input (one line `error: ...` on stderr, nothing stored); 3 stopped before the work was done
+(max_failures_in_row failures in a row, ablation cells that failed, workers that crashed); 4 the storage was
+unreachable past study.storage_outage_s, or is damaged; 5 disk full; 130 / 143 stopped by SIGINT / SIGTERM
+(running trials marked interrupted, retried from their checkpoints).
 """
 from __future__ import annotations
 
@@ -10,8 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-EXIT_USAGE = 2
-EXIT_FAILED = 1  # every trial this run started failed
+EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_STORAGE, EXIT_DISK_FULL = 1, 2, 3, 4, 5  # as search/faults.py
 EXIT_TERMINATED = 143
 
 
@@ -35,21 +37,40 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     args.argv = argv
+    args.done = False  # set once the asked work is done: a signal during the summary then changes nothing
     try:
         return args.func(args) or 0
     except _bad_input() as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except _storage_lost() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_STORAGE
+    except OSError as err:  # a report, a pack or a checkpoint that cannot be written: the real cause, one line
+        faults = sys.modules.get("search.faults")
+        full = faults is not None and faults.is_disk_full(err)
+        where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+        print(f"error: {where}{err.strerror or err}" + ("; free space and run again" if full else ""), file=sys.stderr)
+        return EXIT_DISK_FULL if full else EXIT_FAILED
     except KeyboardInterrupt as interrupt:
         runner = sys.modules.get("search.runner")  # it installs the SIGTERM handler; without it only Ctrl-C lands here
         code = runner.exit_code(interrupt) if runner else 128 + signal.SIGINT
         name = "SIGTERM" if code == EXIT_TERMINATED else "SIGINT"
+        if args.done:
+            print(f"interrupted ({name}) after the work was done; everything is stored", file=sys.stderr)
+            return 0
         if args.command not in ("search", "ablate"):
             print(f"interrupted ({name})", file=sys.stderr)
         elif getattr(args, "worker_id", None) is None:  # workers stay quiet: their parent says it once
             print(f"interrupted ({name}): running trials are marked failed (reason 'interrupted') and rerun by "
                   "the next run; finished trials are stored. Run the same command again to resume", file=sys.stderr)
         return code
+
+
+def _storage_lost() -> tuple[type[Exception], ...]:
+    """StorageLost, when this command imported the storage code (it cannot have been raised otherwise)."""
+    faults = sys.modules.get("search.faults")
+    return (faults.StorageLost,) if faults is not None else ()
 
 
 def _bad_input() -> tuple[type[Exception], ...]:
@@ -186,7 +207,7 @@ def _add_run_options(p: argparse.ArgumentParser, study_help: str, example: str) 
                         "study.workers, else 1); each "
                         "gets cores // N torch threads and its own cores. More machines: run the same command "
                         "there with the same --storage")
-    for hidden in ("--worker-id", "--threads"):  # set by the parent for its workers
+    for hidden in ("--worker-id", "--threads", "--parent"):  # set by the parent for its workers
         p.add_argument(hidden, type=int, help=argparse.SUPPRESS)
     p.add_argument("--cpus", help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
@@ -254,8 +275,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     ablation = load_ablation(args.study, args.overrides)
     rows: dict = {}
 
-    def open_study(url: str, fingerprint: str):
-        study, opened = open_ablation(ablation, url, fingerprint)
+    def open_study(url: str, fingerprint: str, wait: bool):
+        study, opened = open_ablation(ablation, url, fingerprint, wait)
         rows.update(opened)
         return study
 
@@ -277,13 +298,14 @@ def _run(args, spec, timeout, setup, run, top: int, target, open_study=None) -> 
     from search import progress
     from search.artifact_store import default_location
     from search.checkpoints import open_checkpoints
-    from search.runner import RunStats, gate, handle_signals
+    from search.runner import RunStats, gate, handle_signals, watch_parent
     from search.strategies import make_pruner, make_sampler
     from search.study import create_or_resume
     from search.studyfile import SpecError
-    from search.workers import Workers, apply_placement, parse_workers
+    from search.workers import Workers, apply_placement, guard_output, parse_workers
 
     handle_signals()  # only where trials run: SIGINT/SIGTERM must mark them failed, not leave them RUNNING
+    guard_output()  # a closed pipe (`| head`, a parent gone) ends what is shown, not the work
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.INFO if args.verbose else optuna.logging.WARNING)  # we say it
@@ -292,19 +314,22 @@ def _run(args, spec, timeout, setup, run, top: int, target, open_study=None) -> 
     except ValueError as err:
         raise SpecError(str(err)) from None
     make_sampler(spec), make_pruner(spec)  # bad arguments: one line now, before any data or storage work
-    store = _open_data(spec, args.data, quiet=args.worker_id is not None)
+    is_worker = args.worker_id is not None
+    if is_worker and args.parent is not None:
+        watch_parent(args.parent)
+    store = _open_data(spec, args.data, quiet=is_worker)
     url = args.storage or spec.storage_url
-    study = (open_study or (lambda u, fp: create_or_resume(spec, u, fp)))(url, store.fingerprint)
+    study = (open_study or (lambda u, fp, w: create_or_resume(spec, u, fp, wait=w)))(url, store.fingerprint, is_worker)
     artifact_store = open_checkpoints(study, spec, url)
     deadline = args.deadline or (time.time() + timeout if timeout else None)
     failure_log = Path(default_location(url, spec.path)).with_suffix(".log")
-    if args.worker_id is not None:  # a worker started by the command below: run, say nothing more
+    if is_worker:  # a worker started by the command below: run, say nothing more
         apply_placement(args.threads, args.cpus)
         progress.activate(progress.Progress(progress.QUIET if args.quiet else progress.LINES,
                                             failure_log=failure_log, stream=sys.stdout))  # the parent prefixes it
         stats = run(study, store, deadline, artifact_store)
         _say_stop(stats, sys.stdout)
-        return EXIT_FAILED if stats.all_failed else 0
+        return _exit_code(stats)
 
     with gate(study):
         setup(study)
@@ -320,6 +345,7 @@ def _run(args, spec, timeout, setup, run, top: int, target, open_study=None) -> 
         stats = RunStats.of(study, workers.names)
         if EXIT_USAGE in codes:
             return EXIT_USAGE
+        code = _workers_code(codes, stats)
     else:
         apply_placement(None, None)
         try:
@@ -328,8 +354,64 @@ def _run(args, spec, timeout, setup, run, top: int, target, open_study=None) -> 
             progress.active().close()
             progress.activate(None)
         _say_stop(stats, sys.stderr)
+        code = _exit_code(stats)
+    if code in (EXIT_STORAGE, EXIT_DISK_FULL):  # no report: it needs the storage or the disk that is gone
+        return code
+    unfinished = _unfinished(study, target, deadline)
+    if unfinished and code == 0:
+        print(unfinished, file=sys.stderr)
+        code = EXIT_STOPPED
+    args.done = code == 0
     _say_done(args, spec, study, stats, url, top)
+    return code
+
+
+def _exit_code(stats) -> int:
+    """A run's exit code: why its loop stopped (search/faults.py), else 1 when every trial it ran failed."""
+    if stats.exit_code:
+        return stats.exit_code
     return EXIT_FAILED if stats.all_failed else 0
+
+
+def _workers_code(codes: list[int], stats) -> int:
+    """The parent's code from its workers': a storage or disk fault first, then a stop, a signal, all failed.
+    A worker that crashed or was killed says nothing here: if the work is not done, _unfinished says so."""
+    for wanted in (EXIT_STORAGE, EXIT_DISK_FULL, EXIT_STOPPED):
+        if wanted in codes:
+            return wanted
+    interrupted = [c for c in codes if c >= 128]
+    if interrupted:
+        return interrupted[0]
+    return EXIT_FAILED if stats.all_failed else 0
+
+
+def _unfinished(study, target, deadline) -> str:
+    """Why the asked work is not done when the run ended without an error ('' when it is done): fewer
+    finished trials or complete ablation cells than asked, and no deadline that explains it."""
+    if deadline is not None and time_passed(deadline):
+        return ""
+    wanted = target()
+    if not wanted:
+        return ""
+    trials = study.get_trials(deepcopy=False)
+    if study.user_attrs.get("kind") == "ablation":
+        from search.cells import cell_of
+
+        done = len({cell_of(t) for t in trials if t.state.name == "COMPLETE"})
+        what = "ablation cells are complete"
+    else:
+        done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+        what = "trials are finished"
+    if done >= wanted:
+        return ""
+    return (f"stopped before the work was done: {done} of {wanted} {what}; run the same command again to "
+            "continue (failed trials are retried)")
+
+
+def time_passed(deadline: float) -> bool:
+    import time
+
+    return time.time() >= deadline
 
 
 def _say_done(args, spec, study, stats, url: str, top: int) -> None:

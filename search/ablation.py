@@ -25,7 +25,7 @@ from data.packed import PackedStore
 from models import ConfigError, ModelConfig
 from search.cells import cell_of
 from search.config import RunConfig, TrainConfig
-from search.runner import RunStats, ablation_plan, reap_stale_trials, run_trials
+from search.runner import RunStats, ablation_plan, reap_stale_trials, retry_interrupted, run_trials
 from search.spec import StudySpec, parse_spec
 from search.storage import load_existing_study
 from search.study import create_or_resume, train_trial
@@ -121,13 +121,13 @@ def identity(ablation: AblationSpec, rows: dict[str, RunConfig]) -> dict[str, An
     return {"ablation": {name: cfg.to_dict() for name, cfg in rows.items()}, "seeds": list(ablation.seeds)}
 
 
-def open_ablation(ablation: AblationSpec, storage: str, data_fingerprint: str
+def open_ablation(ablation: AblationSpec, storage: str, data_fingerprint: str, wait: bool = False
                   ) -> tuple[optuna.Study, dict[str, RunConfig]]:
     """Create or resume the ablation's study (no pruning: every cell trains its full budget) and mark it
     as an ablation, with its rows and seeds, for the report."""
     rows = ablation.rows(baseline_config(ablation, storage))
     spec = dataclasses.replace(ablation.study, pruner={"name": "none"})
-    study = create_or_resume(spec, storage, data_fingerprint, identity(ablation, rows))
+    study = create_or_resume(spec, storage, data_fingerprint, identity(ablation, rows), wait=wait)
     for key, value in (("kind", "ablation"), ("rows", list(rows)), ("baseline_row", next(iter(rows))),
                        ("seeds", list(ablation.seeds))):
         if study.user_attrs.get(key) != value:  # workers opening the study at once write nothing
@@ -141,6 +141,7 @@ def enqueue_missing_cells(study: optuna.Study, ablation: AblationSpec, rows: dic
     Called once per command, holding the study's gate (search.runner.gate): a cell that fails again in
     this run is not retried in a loop, and a cell whose worker died comes back through the heartbeat retry."""
     reap_stale_trials(study)
+    retry_interrupted(study)  # an interrupted cell comes back as its retry, which resumes from its checkpoint
     taken = {cell_of(t) for t in study.get_trials(deepcopy=False, states=(
         TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))}
     todo = [(row, seed) for row in rows for seed in ablation.seeds if (row, seed) not in taken]

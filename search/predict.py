@@ -3,7 +3,8 @@ Kaggle HW4 format (Id,Category: feature_path, speaker name), scored against a la
 from __future__ import annotations
 
 import csv
-import itertools
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,14 +13,22 @@ import numpy as np
 import optuna
 import torch
 from optuna.artifacts.exceptions import ArtifactNotFound
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from data import DataError
 from data.batches import fixed_valid_batches
 from data.packed import PackedStore
 from models import build_model
 from search.artifact_store import study_artifact_store
-from search.checkpoints import CHECKPOINT_FORMAT, best_checkpoint_id, load, load_file
+from search.checkpoints import (
+    CHECKPOINT_FORMAT,
+    DamagedCheckpoint,
+    best_checkpoint_id,
+    best_name,
+    load,
+    load_file,
+    load_problem,
+)
 from search.config import RunConfig
 from search.final import pick_trial
 from search.spec import SpecError
@@ -38,36 +47,69 @@ def from_file(path: Path) -> Checkpoint:
     except FileNotFoundError:
         raise SpecError(f"{path}: no such checkpoint file") from None
     except Exception as err:  # not a torch file, truncated, or holding pickled code (weights_only refuses it)
-        raise SpecError(f"{path}: not a checkpoint written by run-study ({type(err).__name__})") from None
-    if not isinstance(values, dict) or values.get("format") != CHECKPOINT_FORMAT or "model" not in values:
-        raise SpecError(f"{path}: not a model checkpoint of run-study (a trial's best or `run-study train` output)")
+        raise DamagedCheckpoint(str(path), load_problem(err)) from None
+    _check_model(values, str(path), "")
     return Checkpoint(str(path), values)
 
 
-def from_study(study: optuna.Study, trial: str | None, top_k: int | None) -> list[Checkpoint]:
-    """The best checkpoints of --trial (best by default) or of the top-k complete trials that have one."""
-    if top_k is not None:
-        ranked = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: -t.value)
-        found = ((t, best_checkpoint_id(study, t)) for t in ranked)  # lazily: one storage read per trial taken
-        chosen = list(itertools.islice(((t, i) for t, i in found if i), top_k))
-        if len(chosen) < top_k:
-            raise SpecError(f"--top-k {top_k}: study {study.study_name!r} has only {len(chosen)} complete trial(s) "
-                            "with a checkpoint")
-    else:
+def _check_model(values: Any, filename: str, where: str) -> None:
+    if not isinstance(values, dict) or values.get("format") != CHECKPOINT_FORMAT or "model" not in values:
+        raise DamagedCheckpoint(filename, "is not a model checkpoint of run-study (a trial's best or `run-study "
+                                          "train` output)", where)
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def from_study(study: optuna.Study, trial: str | None, top_k: int | None,
+               log: Callable[[str], None] = _say) -> list[Checkpoint]:
+    """The best checkpoints of --trial (best by default) or of the top-k complete trials that have one.
+    --top-k skips a trial whose checkpoint is damaged or missing (one line each through `log`) and takes the
+    next best, so K models are averaged when the study has K that load."""
+    if top_k is None:
         picked = pick_trial(study, trial or "best")
-        chosen = [(picked, best_checkpoint_id(study, picked))]
-        if chosen[0][1] is None:
+        artifact_id = best_checkpoint_id(study, picked)
+        if artifact_id is None:
             raise SpecError(f"trial {picked.number} of study {study.study_name!r} has no checkpoint "
                             f"({picked.state.name})")
+        where = f"trial {picked.number} of study {study.study_name!r}: "
+        return [_load_best(study, study_artifact_store(study), picked, artifact_id, where)]
     store = study_artifact_store(study)
-    checkpoints = []
-    for t, artifact_id in chosen:
+    ranked = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: -t.value)
+    checkpoints, skipped = [], 0
+    for t in ranked:  # lazily: one storage read (and one load) per trial taken
+        if len(checkpoints) == top_k:
+            break
+        artifact_id = best_checkpoint_id(study, t)
+        if artifact_id is None:
+            continue
         try:
-            checkpoints.append(Checkpoint(f"{study.study_name}/trial {t.number}", load(store, artifact_id)))
-        except ArtifactNotFound:
-            raise SpecError(f"trial {t.number}'s checkpoint is missing from the artifact store "
-                            f"{study.user_attrs.get('artifacts')} (artifact {artifact_id})") from None
+            checkpoints.append(_load_best(study, store, t, artifact_id, ""))
+        except SpecError as err:
+            log(f"skipping trial {t.number}: {err}")
+            skipped += 1
+    if len(checkpoints) < top_k:
+        broken = f" ({skipped} more skipped: damaged or missing)" if skipped else ""
+        raise SpecError(f"--top-k {top_k}: study {study.study_name!r} has only {len(checkpoints)} complete "
+                        f"trial(s) with a checkpoint that loads{broken}")
     return checkpoints
+
+
+def _load_best(study: optuna.Study, store, t: FrozenTrial, artifact_id: str, where: str) -> Checkpoint:
+    """Trial t's best checkpoint; DamagedCheckpoint (a SpecError) when it does not load, SpecError when its
+    file is gone. `where` starts the messages ("" when the caller names the trial)."""
+    name = best_name(t.number)
+    try:
+        values = load(store, artifact_id, name)
+    except ArtifactNotFound:
+        what = f"trial {t.number}'s checkpoint" if where else name
+        raise SpecError(f"{what} is missing from the artifact store {study.user_attrs.get('artifacts')} "
+                        f"(artifact {artifact_id})") from None
+    except DamagedCheckpoint as err:
+        raise DamagedCheckpoint(err.filename, err.problem, where) from None
+    _check_model(values, name, where)
+    return Checkpoint(f"{study.study_name}/trial {t.number}", values)
 
 
 def check_compatible(checkpoint: Checkpoint, store: PackedStore, data: Path, other_data: bool) -> None:

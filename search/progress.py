@@ -117,6 +117,10 @@ class Progress:
     def _line(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
 
+    def say(self, text: str) -> None:
+        """One line shown in every mode (-q too), without breaking the bars."""
+        self._say(text)
+
     def _say(self, text: str) -> None:  # shown in every mode, without breaking the bars
         if self.mode == BARS:
             tqdm.write(text, file=self.stream)

@@ -19,7 +19,7 @@ from search.config import DataConfig, RunConfig, TrainConfig
 from search.studyfile import SECTIONS, SpecError, beside, default_storage_url, load_raw, storage_in_file
 
 STUDY_KEYS = ("name", "seed", "n_trials", "timeout", "workers", "storage", "artifacts", "heartbeat_interval",
-              "grace_period", "max_failures_in_row")
+              "grace_period", "max_failures_in_row", "storage_outage_s")
 DATA_KEYS = ("path", "synthetic", *(f.name for f in fields(DataConfig)))
 RANGE_KEYS = {"low", "high", "log", "step"}
 VIRTUAL_MODEL_KEYS = ("head_dim",)  # searched instead of d_model: d_model = nhead * head_dim
@@ -84,7 +84,8 @@ class StudySpec:
     artifacts: str | None = None  # checkpoints: a folder, s3:// or gs:// (default: beside the SQLite file)
     heartbeat_interval: int = 30
     grace_period: int = 120
-    max_failures_in_row: int = 5  # the study stops when this many trials in a row failed
+    max_failures_in_row: int = 5  # a run stops when this many of its trials in a row failed on their own
+    storage_outage_s: float = 600  # a worker waits this long for its database, then stops (exit code 4)
     data_path: Path | None = None
     synthetic: dict[str, Any] | None = None
     data: DataConfig = field(default_factory=DataConfig)
@@ -172,6 +173,7 @@ def _parse(path: Path, raw: dict[str, Any]) -> StudySpec:
         heartbeat_interval=_positive(study, "heartbeat_interval", int) or 30,
         grace_period=_positive(study, "grace_period", int) or 120,
         max_failures_in_row=_positive(study, "max_failures_in_row", int) or 5,
+        storage_outage_s=_positive(study, "storage_outage_s", (int, float)) or 600,
         data_path=beside(path, data["path"]) if isinstance(data.get("path"), str) else None,
         synthetic=_typed(data, "data.synthetic", "synthetic", dict, None),
         data=DataConfig(**{k: v for k, v in data.items() if k not in ("path", "synthetic")}),

@@ -14,10 +14,11 @@ from data.packed import PackedStore
 from search import progress
 from search.checkpoints import TrialCheckpoints, model_checkpoint
 from search.config import RunConfig
+from search.faults import StorageAway, outside_cause
 from search.provenance import versions
 from search.runner import RunStats, poll_interrupt, run_trials, search_plan
 from search.spec import SpecError, StudySpec
-from search.storage import open_storage, retry_race
+from search.storage import no_wait, open_storage, retry_race
 from search.strategies import make_pruner, make_sampler
 from search.train import resumable, train
 
@@ -54,11 +55,22 @@ def train_trial(trial: optuna.Trial, cfg: RunConfig, store: PackedStore, artifac
             trial.report(point["valid_acc"], point["step"])
 
     stopped: list[int] = []
+    unsent: list[tuple[float, int]] = []  # reports made while the database was away: sent when it is back
+
+    def send_reports() -> None:
+        while unsent:
+            trial.report(*unsent[0])
+            unsent.pop(0)
 
     def reporter(step: int, accuracy: float) -> bool:
-        trial.report(accuracy, step)
-        if trial.should_prune():
-            return True
+        unsent.append((accuracy, step))
+        try:
+            with no_wait():  # the database away: training goes on, the pruner decides once it is back
+                send_reports()
+                if trial.should_prune():
+                    return True
+        except StorageAway:
+            return False
         if deadline is not None and time.time() >= deadline and step < cfg.train.max_steps:
             stopped.append(step)
             return True
@@ -75,11 +87,12 @@ def train_trial(trial: optuna.Trial, cfg: RunConfig, store: PackedStore, artifac
 
     try:
         result = train(cfg, store, reporter, on_step=on_step, resume=resume,
-                       save_state=checkpoints.save_latest if checkpoints else None, on_eval=shown.evaluated)
-    except Exception:
-        if checkpoints:
+                       save_state=latest_state(checkpoints), on_eval=shown.evaluated)
+    except Exception as err:
+        if checkpoints and outside_cause(err) is None:
             checkpoints.drop_latest()  # its own failure: a retry would fail the same way
-        raise
+        raise  # a fault outside the trial (storage, disk): the latest state stays for its retry
+    send_reports()
     for key in RESULT_ATTRS:
         trial.set_user_attr(key, getattr(result, key))
     if checkpoints:
@@ -92,11 +105,26 @@ def train_trial(trial: optuna.Trial, cfg: RunConfig, store: PackedStore, artifac
     return result.best_valid_acc
 
 
+def latest_state(checkpoints: TrialCheckpoints | None) -> Callable[[dict[str, Any]], None] | None:
+    """Keep each evaluation's training state; while the database is away the file is written and its record
+    waits (TrialCheckpoints keeps it pending), so training goes on."""
+    if checkpoints is None:
+        return None
+
+    def save(state: dict[str, Any]) -> None:
+        with no_wait():
+            checkpoints.save_latest(state)
+
+    return save
+
+
 def create_or_resume(spec: StudySpec, storage_url: str, data_fingerprint: str,
-                     identity: dict[str, Any] | None = None) -> optuna.Study:
+                     identity: dict[str, Any] | None = None, wait: bool = False) -> optuna.Study:
     """Create the study, or resume it if it exists and was made from the same space, budget and data
-    (`identity` replaces the spec's own, e.g. an ablation's rows and seeds)."""
-    storage = open_storage(storage_url, spec.heartbeat_interval, spec.grace_period)
+    (`identity` replaces the spec's own, e.g. an ablation's rows and seeds). `wait`: a worker, which waits
+    up to study.storage_outage_s for a database that is away (others fail at once: likely a wrong URL)."""
+    storage = open_storage(storage_url, spec.heartbeat_interval, spec.grace_period, spec.storage_outage_s,
+                           wait=wait)
     sampler, pruner = make_sampler(spec), make_pruner(spec)
     identity = json.loads(json.dumps(identity or spec.identity()))  # as stored: tuples become lists
 

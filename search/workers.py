@@ -5,10 +5,15 @@ run at 0.48x the trials/hour of one process; two workers with one thread and one
 (2 x a single core's rate; 2.95x the unpinned pair). So each worker gets usable_cores // N torch threads
 and, where the OS allows (Linux), its own cores via CPU affinity. Workers are started in their own session
 so a terminal's Ctrl-C reaches only this process, which forwards it exactly once (a second SIGINT inside
-Optuna's bookkeeping could leave a trial RUNNING).
+Optuna's bookkeeping could leave a trial RUNNING). A worker whose parent dies (kill -9, a lost terminal) gets
+SIGHUP from the kernel (Linux PR_SET_PDEATHSIG) and stops like a SIGTERM: its trial marked interrupted,
+retried from its checkpoint. A closed output pipe stops the output, never the work (guard_output).
 """
 from __future__ import annotations
 
+import ctypes
+import errno
+import io
 import os
 import signal
 import subprocess
@@ -18,6 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 RUN_STUDY = Path(__file__).resolve().parent.parent / "run_study.py"
 
@@ -72,6 +78,72 @@ def without_workers_option(argv: Sequence[str]) -> list[str]:
     return out
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int, signum: int) -> None:
+    """In a worker: the kernel sends it `signum` when its parent dies (Linux). A parent already gone (it died
+    before this call) is the same: the signal now."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signum)
+
+
+class _Guarded(io.TextIOBase):
+    """A text stream that, once its reader is gone (EPIPE), swallows further output instead of raising."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream, self.closed_pipe = stream, False
+
+    def write(self, text: str) -> int:
+        if not self.closed_pipe:
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (BrokenPipeError, ValueError) as err:
+                self._closed(err)
+            except OSError as err:
+                if err.errno != errno.EPIPE:
+                    raise
+                self._closed(err)
+        return len(text)
+
+    def _closed(self, err: Exception) -> None:
+        self.closed_pipe = True
+        try:  # point the descriptor at /dev/null, so the interpreter's own final flush does not complain
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+
+    def flush(self) -> None:
+        if not self.closed_pipe:
+            try:
+                self.stream.flush()
+            except (BrokenPipeError, ValueError) as err:
+                self._closed(err)
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.stream, "encoding", "utf-8")
+
+
+def guard_output() -> None:
+    """stdout and stderr survive a closed pipe (`run-study search ... | head`, a worker whose parent died)."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, _Guarded):
+            setattr(sys, name, _Guarded(stream))
+
+
 class Workers:
     """Start N copies of this command as workers, prefix their output lines with [wI], forward signals."""
 
@@ -81,7 +153,7 @@ class Workers:
         base = [sys.executable, str(RUN_STUDY), *without_workers_option(argv)]
         self.placements = placements(n_workers)
         for i, place in enumerate(self.placements):
-            cmd = [*base, "--worker-id", str(i), "--threads", str(place.threads)]
+            cmd = [*base, "--worker-id", str(i), "--threads", str(place.threads), "--parent", str(os.getpid())]
             if place.cpus:
                 cmd += ["--cpus", ",".join(map(str, place.cpus))]
             if deadline is not None:
@@ -110,9 +182,12 @@ class Workers:
 
     @staticmethod
     def _pump(proc: subprocess.Popen, prefix: str) -> None:
-        for line in proc.stdout:
-            sys.stdout.write(prefix + line)
-            sys.stdout.flush()
+        for line in proc.stdout:  # drained to the end even when our own output is gone: a full pipe blocks a worker
+            try:
+                sys.stdout.write(prefix + line)
+                sys.stdout.flush()
+            except (OSError, ValueError):
+                pass
 
     def wait(self) -> list[int]:
         """Exit codes; on SIGINT/SIGTERM here, the same signal goes once to every worker, then we wait."""

@@ -104,6 +104,23 @@ name = "none"
 """
 
 
+@contextmanager
+def small_disk_at(folder: Path, size: str) -> Iterator[Path]:
+    """A real file system of `size` (a tmpfs) mounted at folder: a disk a test can fill. Mounting needs root,
+    which our machines and CI are; elsewhere the test fails saying so (it never skips)."""
+    import subprocess
+
+    folder.mkdir(parents=True, exist_ok=True)
+    run = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True,
+                         text=True)
+    if run.returncode:
+        pytest.fail(f"cannot mount a {size} tmpfs at {folder} (needs root): {run.stderr.strip()}", pytrace=False)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
 # Real database servers on every machine of ours (CI's included); each test gets its own database.
 SERVERS = {
     "postgresql": ("postgresql://postgres@127.0.0.1:5432/{}", "postgres"),  # bare dialect, as users write it
@@ -146,3 +163,6 @@ def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]
 def _no_user_storage(monkeypatch: pytest.MonkeyPatch) -> None:
     """A developer's OPTUNA_STORAGE (the default of every --storage) must never receive test studies."""
     monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
+
+
+from tests.dbservers import private_db, private_server  # noqa: E402,F401

@@ -105,7 +105,7 @@ def test_a_trials_best_artifact_is_what_predict_uses(searched):
 
 @pytest.mark.parametrize("case", ["other_mels", "no_testdata", "garbage_file", "bad_trial", "bad_set",
                                   "pickled_code", "missing_labels", "other_data", "train_other_data",
-                                  "missing_checkpoint"])
+                                  "missing_checkpoint", "truncated_file", "truncated_trial", "truncated_best"])
 def test_bad_input_is_one_line_and_exit_2(searched, tiny_synthetic, hw4_folder, case, tmp_path, capsys):
     study = str(searched / "studies/fit.toml")
     data = str(tiny_synthetic)
@@ -123,12 +123,20 @@ def test_bad_input_is_one_line_and_exit_2(searched, tiny_synthetic, hw4_folder, 
                              "--out", str(tmp_path / "f.pt")],
         "missing_checkpoint": ["predict", str(_without_best_checkpoint(searched, tmp_path)), "--storage",
                                f"sqlite:///{tmp_path / 'copy.db'}", "--data", data, *out],
+        "truncated_file": ["predict", str(_truncated_copy(searched, tmp_path)), "--data", data, *out],
+        "truncated_trial": ["predict", "fit", "--storage", _with_damaged_best(searched, tmp_path / "cut1", 1)[0],
+                            "--trial", "1", "--data", data, *out],
+        "truncated_best": ["predict", "fit", "--storage", _with_damaged_best(searched, tmp_path / "cut", "best")[0],
+                           "--data", data, *out],
     }[case]
     expected = {"other_mels": "n_mels", "no_testdata": "testdata.json", "garbage_file": "x.pt",
                 "bad_trial": "--trial '99'", "bad_set": "max_stepz", "pickled_code": "evil.pt",
                 "missing_labels": "none.csv", "other_data": "--other-data predicts anyway",
                 "train_other_data": "not the dataset study 'fit' was run on",
-                "missing_checkpoint": "checkpoint is missing from the artifact store"}[case]
+                "missing_checkpoint": "checkpoint is missing from the artifact store",
+                "truncated_file": "cut.pt is damaged (cut short or corrupt",
+                "truncated_trial": "trial 1 of study 'fit': trial-1-best.pt is damaged (cut short or corrupt",
+                "truncated_best": "-best.pt is damaged (cut short or corrupt: not a complete torch file)"}[case]
     if case == "other_mels":  # as a user meets it: a process, its stderr and exit code
         run = cli(*args, cwd=searched, check=False)
         code, err = run.returncode, run.stderr
@@ -183,6 +191,66 @@ def _without_best_checkpoint(searched: Path, tmp_path: Path) -> str:
     study.set_user_attr("artifacts", str(tmp_path / "copy.artifacts"))
     (tmp_path / "copy.artifacts" / best_checkpoint_id(study, study.best_trial)).unlink()
     return "fit"
+
+
+def _copy_study(searched: Path, folder: Path) -> optuna.Study:
+    """The searched study copied (SQLite file and artifact folder) into folder, using its own artifacts."""
+    folder.mkdir()
+    shutil.copy(searched / "studies/fit.db", folder / "fit.db")
+    shutil.copytree(searched / "studies/fit.artifacts", folder / "fit.artifacts")
+    study = optuna.load_study(study_name="fit", storage=f"sqlite:///{folder / 'fit.db'}")
+    study.set_user_attr("artifacts", str(folder / "fit.artifacts"))
+    return study
+
+
+def _cut(path: Path) -> None:
+    """Keep the first half of a file, as a full disk or an interrupted copy leaves it."""
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _with_damaged_best(searched: Path, folder: Path, which: int | str) -> tuple[str, int]:
+    """A copy of the study in folder whose trial `which` (a number, or "best") has its best checkpoint cut short:
+    its storage URL and that trial's number."""
+    study = _copy_study(searched, folder)
+    trial = study.best_trial if which == "best" else study.trials[which]
+    _cut(folder / "fit.artifacts" / best_checkpoint_id(study, trial))
+    return f"sqlite:///{folder / 'fit.db'}", trial.number
+
+
+def _truncated_copy(searched: Path, tmp_path: Path) -> Path:
+    study = optuna.load_study(study_name="fit", storage=f"sqlite:///{searched / 'studies/fit.db'}")
+    path = tmp_path / "cut.pt"
+    shutil.copy(searched / "studies/fit.artifacts" / best_checkpoint_id(study, study.best_trial), path)
+    _cut(path)
+    return path
+
+
+def test_top_k_skips_a_damaged_checkpoint_and_still_averages_k(searched, tiny_synthetic, tmp_path, capsys):
+    url, damaged = _with_damaged_best(searched, tmp_path / "cut", "best")
+    study = optuna.load_study(study_name="fit", storage=url)
+    ranked = [t.number for t in sorted(study.trials, key=lambda t: -t.value)]
+    assert ranked[0] == damaged
+    said: list[str] = []
+    checkpoints = predict.from_study(study, None, 2, log=said.append)
+    assert [c.name for c in checkpoints] == [f"fit/trial {n}" for n in ranked[1:3]]  # the next best complete ones
+    assert said == [f"skipping trial {damaged}: trial-{damaged}-best.pt is damaged (cut short or corrupt: not a "
+                    "complete torch file)"]
+    # as a user meets it: one line on stderr, and the 2 that load averaged
+    out = tmp_path / "top2.csv"
+    args = ["predict", "fit", "--storage", url, "--data", str(tiny_synthetic)]
+    assert run_study.main([*args, "--top-k", "2", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == said and "Traceback" not in captured.err
+    store = open_store(tiny_synthetic)
+    both = predict.predict_proba(checkpoints, store)
+    assert [r[1] for r in _rows(out)[1:]] == [store.id2speaker[i] for i in both.argmax(axis=1)]
+    assert f"(fit/trial {ranked[1]}, fit/trial {ranked[2]})" in captured.out
+    # K more than the study has that load: one line per skipped, then the error, exit 2
+    assert run_study.main([*args, "--top-k", "3", "--out", str(tmp_path / "top3.csv")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [*said, "error: --top-k 3: study 'fit' has only 2 complete trial(s) with a checkpoint that loads "
+                            "(1 more skipped: damaged or missing)"]
+    assert not (tmp_path / "top3.csv").exists()
 
 
 class _Evil:

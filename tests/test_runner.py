@@ -1,6 +1,7 @@
 """The trial loop in-process: plans, counting, failures in a row, signals while training, the gate."""
 import os
 import signal
+import time
 
 import optuna
 import pytest
@@ -65,13 +66,104 @@ def test_n_trials_counts_finished_trials_and_failures_in_a_row_stop(tmp_path, ti
                                                              "training loss became non-finite")
 
 
-def test_cli_exits_1_when_every_trial_failed(tmp_path, tiny_synthetic, capsys):
+def test_cli_exits_3_when_failures_in_a_row_stop_it(tmp_path, tiny_synthetic, capsys):
     path = write_study(tmp_path / "fail.toml", SPACE.format(loss='"test_nan"'))
     code = run_study.main(["search", str(path), "--data", str(tiny_synthetic), "--n-trials", "4",
                            "--set", "study.max_failures_in_row=2"])
     out, err = capsys.readouterr()
-    assert code == 1
+    assert code == 3  # stopped by failures: not done (0), not "every trial failed" of a finished run (1)
     assert "stopped: the last 2 trials failed" in err and "2 trial(s) run now (2 fail)" in out
+
+
+def test_failures_in_a_row_count_only_this_runs_own_failures(tmp_path):
+    """Old failures (a full disk last time, a bad config since fixed) do not stop a new run at once, and
+    interrupted trials never count."""
+    study = optuna.create_study(study_name="f", storage=f"sqlite:///{tmp_path / 'f.db'}", direction="maximize")
+    for _ in range(5):
+        study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"fail_reason": "disk full"}))
+    calls = []
+
+    def objective(trial):
+        calls.append(trial.number)
+        if len(calls) == 1:  # interrupted by a fault outside the trial, then fine
+            raise OSError(28, "No space left on device")
+        return 1.0
+
+    stats = runner.run_trials(study, objective, search_plan(2), max_failures_in_row=1, log=lambda _: None)
+    assert stats.exit_code == 5 and "disk full" in stats.stop_reason  # a full disk stops the run: retry later
+    stats = runner.run_trials(study, objective, search_plan(2), max_failures_in_row=1, log=lambda _: None)
+    assert stats.exit_code == 0 and study.trials[-1].state == TrialState.COMPLETE
+    interrupted = [t for t in study.trials if t.user_attrs.get("interrupt_cause") == "disk full"]
+    assert len(interrupted) == 1 and interrupted[0].user_attrs["fail_reason"] == "interrupted"
+    retried = [t.system_attrs.get("failed_trial") for t in study.trials if t.state == TrialState.COMPLETE]
+    assert interrupted[0].number in retried  # queued again with the same parameters
+
+
+def test_a_worker_that_cannot_heartbeat_stops_its_trial_and_it_is_retried(tmp_path, monkeypatch):
+    """The database refuses heartbeats for longer than the grace period: the worker stops the trial itself
+    (marked interrupted, cause 'heartbeat lost'), which is queued again with the same parameters and run."""
+    from sqlalchemy.exc import OperationalError
+
+    from search.storage import RDBStorage, open_storage
+
+    real = RDBStorage.record_heartbeat
+    refuse = [True]
+
+    def record(self, trial_id):
+        if refuse[0]:
+            raise OperationalError("UPDATE trial_heartbeats", {}, Exception("server closed the connection"))
+        return real(self, trial_id)
+
+    monkeypatch.setattr(RDBStorage, "record_heartbeat", record)
+    study = optuna.create_study(study_name="hb", storage=open_storage(f"sqlite:///{tmp_path / 'hb.db'}", 1, 2),
+                                direction="maximize")
+    lines = []
+
+    def objective(trial):
+        trial.suggest_float("x", 0, 1)
+        for _ in range(100):  # 5 s of "training", checking like train() does every step
+            runner.poll_interrupt()
+            time.sleep(0.05)
+        return 1.0
+
+    def objective_then_heal(trial):
+        try:
+            return objective(trial)
+        finally:
+            refuse[0] = False
+
+    stats = runner.run_trials(study, objective_then_heal, search_plan(1), log=lines.append)
+    first, retry = study.trials
+    assert first.state == TrialState.FAIL and first.user_attrs["interrupt_cause"] == "heartbeat lost"
+    assert first.duration.total_seconds() < 4  # stopped at the grace period, not after its 5 s
+    assert retry.state == TrialState.COMPLETE and retry.params == first.params
+    assert retry.system_attrs["failed_trial"] == first.number and stats.exit_code == 0
+
+
+def test_a_reaped_trials_worker_leaves_it_without_crashing(tmp_path):
+    """Another process failed (reaped) this trial while it trained: telling it is skipped with one line."""
+    study = optuna.create_study(study_name="r", storage=f"sqlite:///{tmp_path / 'r.db'}", direction="maximize")
+    lines = []
+
+    def objective(trial):
+        if trial.number == 0:
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # the reaper
+        return 1.0
+
+    stats = runner.run_trials(study, objective, search_plan(1), log=lines.append)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE] and stats.exit_code == 0
+    assert any("another process took it over" in line for line in lines)
+
+
+def test_a_signal_during_the_summary_of_finished_work_exits_0(tmp_path, tiny_synthetic, monkeypatch, capsys):
+    path = write_study(tmp_path / "ok.toml", SPACE.format(loss='"ce"'))
+
+    def summary(*args):
+        raise runner.Terminated()
+
+    monkeypatch.setattr(run_study, "_say_done", summary)
+    assert run_study.main(["search", str(path), "--data", str(tiny_synthetic), "--n-trials", "1", "-q"]) == 0
+    assert "after the work was done" in capsys.readouterr().err
 
 
 def test_a_signal_during_training_stops_at_the_next_step_not_inside_a_callback(tmp_path, tiny_store):
@@ -194,7 +286,7 @@ def test_a_trial_has_a_heartbeat_before_its_objective_runs(tmp_path, monkeypatch
     from search.status import heartbeat_ages
     from search.storage import open_storage
 
-    monkeypatch.setattr(optuna.study._optimize, "get_heartbeat_thread", lambda *a: NullHeartbeatThread())
+    monkeypatch.setattr(runner, "get_heartbeat_thread", lambda *a: NullHeartbeatThread())
     study = optuna.create_study(study_name="hb", storage=open_storage(f"sqlite:///{tmp_path / 'hb.db'}", 1, 3),
                                 direction="maximize")
     seen = []

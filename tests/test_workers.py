@@ -166,7 +166,8 @@ stats = { pooling = "stats" }
     url = f"sqlite:///{tmp_path / 'abi.db'}"
     args = ("ablate", str(study), "--data", str(tiny_synthetic))
     proc = start(*args, cwd=tmp_path)
-    wait_for(lambda ts: n_state(ts, TrialState.COMPLETE) >= 1 and n_state(ts, TrialState.RUNNING) == 1, "abi", url)
+    wait_for(lambda ts: n_state(ts, TrialState.COMPLETE) >= 1 and any(  # past its first checkpoint
+        t.state == TrialState.RUNNING and len(t.intermediate_values) >= 2 for t in ts), "abi", url)
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
     assert proc.returncode == 130
@@ -176,5 +177,8 @@ stats = { pooling = "stats" }
     assert sorted(cells) == sorted({(v, s) for v in ("baseline", "stats") for s in (0, 1, 2)})
     assert n_state(ts, TrialState.FAIL) == 1 and n_state(ts, TrialState.RUNNING, TrialState.WAITING) == 0
     assert n_state(ts, TrialState.PRUNED) == 0  # the interrupted cell's retry kept its seed, so it ran that cell
+    (interrupted,) = [t for t in ts if t.state == TrialState.FAIL]
+    (retry,) = [t for t in ts if t.system_attrs.get("failed_trial") == interrupted.number]
+    assert retry.user_attrs.get("resumed_from_step", 0) > 0  # from the interrupted cell's latest checkpoint
     report = cli("report", str(study), "--format", "md", cwd=tmp_path)
     assert "| baseline" in report.stdout
