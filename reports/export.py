@@ -85,7 +85,12 @@ def write_files(report: Report, stem: Path, formats: tuple[str, ...]) -> tuple[s
     paths = []
     for fmt in formats:
         path = stem.with_name(f"{stem.name}.{fmt}")
-        writers[fmt](path)
+        try:
+            writers[fmt](path)
+        except OSError as err:  # the file named, so the one-line error says where (a full disk, a read-only folder)
+            if err.filename is None:
+                err.filename = str(path)
+            raise
         paths.append(path)
     return text, paths
 

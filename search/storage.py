@@ -450,8 +450,8 @@ def retry_race(action: Callable[[], T], attempts: int = RACE_ATTEMPTS) -> T:
     for attempt in range(attempts):
         try:
             return action()
-        except (SQLAlchemyError, StorageInternalError):
-            if attempt == attempts - 1:
+        except (SQLAlchemyError, StorageInternalError) as err:
+            if attempt == attempts - 1 or is_damaged(err) or is_disk_full(err):  # no other process can fix those
                 raise
             time.sleep(random.uniform(0.05, 0.2) * (attempt + 1))
     raise AssertionError("unreachable")

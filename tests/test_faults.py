@@ -5,7 +5,6 @@ nothing left RUNNING, every retried trial resumed from its checkpoint, exact cou
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -78,17 +77,17 @@ def test_a_database_restart_mid_trial_loses_nothing(tmp_path, tiny_synthetic, pr
 @pytest.mark.parametrize("private_server", ["postgresql", "mysql"], indirect=True)
 def test_an_outage_longer_than_the_grace_period_resumes_from_the_checkpoint(tmp_path, tiny_synthetic,
                                                                             private_server):
-    """The database stops (-m immediate) for 8 s with a 3 s grace period: each worker stops its trial itself
+    """The database stops (-m immediate) for 6 s with a 3 s grace period: each worker stops its trial itself
     (no heartbeat), training went on meanwhile; when the database is back the trials are marked interrupted (or
     reaped) and retried from their latest checkpoints; no worker crashes telling a reaped trial."""
     server = private_server
     url = server.create_database()
-    study = write_study(tmp_path / "out.toml", SPACE.format(steps=1500), grace=3)
+    study = write_study(tmp_path / "out.toml", SPACE.format(steps=1200), grace=3)
     proc = start("search", str(study), "--data", str(tiny_synthetic), "--storage", url, "--n-trials", "2",
                  "--workers", "2", cwd=tmp_path)
     wait_for(lambda ts: training(ts, 2), "out", url)
     server.stop("immediate")
-    time.sleep(8)
+    time.sleep(6)
     server.start()
     output = finish(proc)
     assert proc.returncode == 0, output
@@ -121,7 +120,7 @@ def test_a_database_away_past_storage_outage_s_stops_the_worker_and_the_rerun_re
     assert resumed(ts)
 
 
-@pytest.mark.parametrize("private_server", ["postgresql", "mysql"], indirect=True)
+@pytest.mark.parametrize("private_server", ["postgresql"], indirect=True)  # MariaDB: the kill -9 restart test
 def test_killed_connections_are_reconnected_and_no_trial_fails(tmp_path, tiny_synthetic, private_server):
     server = private_server
     url = server.create_database()
@@ -158,11 +157,8 @@ stats = { pooling = "stats" }
             for machine in ("a", "b"):
                 tmp = tmp_path / f"tmp-{name}-{machine}"
                 tmp.mkdir()
-                env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(Path(__file__).parent.parent)}
-                procs.append(subprocess.Popen(
-                    [sys.executable, str(Path(__file__).parent.parent / "run_study.py"), *args, "--data",
-                     str(tiny_synthetic), "--storage", url, "-q"], cwd=tmp_path, env=env, text=True,
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+                procs.append(start(*args, "--data", str(tiny_synthetic), "--storage", url, "-q", cwd=tmp_path,
+                                   env={"TMPDIR": str(tmp)}))
             outputs = [finish(p) for p in procs]
             assert [p.returncode for p in procs] == [0, 0], outputs
             ts = trials(name, url)
@@ -188,14 +184,14 @@ def test_a_killed_parent_takes_its_workers_with_it_and_their_trials_resume(tmp_p
         time.sleep(0.1)
     assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)  # no orphan runs on
     assert [t.user_attrs.get("interrupt_cause") for t in ts] == ["the --workers parent died"] * 2
-    rerun = cli(*args, "--timeout", "6", cwd=tmp_path)  # the retries start where the trials stopped
+    rerun = cli(*args, "--timeout", "4", cwd=tmp_path)  # the retries start where the trials stopped
     assert "Traceback" not in rerun.stdout + rerun.stderr
     assert len(resumed(trials("orph", url))) == 2
 
 
 @pytest.fixture
 def small_disk(tmp_path):
-    with small_disk_at(tmp_path / "disk", "3m") as mount:
+    with small_disk_at(tmp_path / "disk", "16m") as mount:  # room for a report; fill() fills it
         yield mount
 
 
@@ -236,10 +232,27 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_rerun_finishes(tmp_path, 
             assert (artifacts / meta.artifact_id).stat().st_size > 1000
 
 
+def test_a_full_disk_under_the_sqlite_file_is_one_line_and_loses_nothing(tmp_path, tiny_synthetic, small_disk):
+    db = small_disk / "study.db"
+    study = write_study(tmp_path / "sq.toml", SPACE.format(steps=40), extra=f'storage = "sqlite:///{db}"')
+    args = ("search", str(study), "--data", str(tiny_synthetic), "--n-trials", "2")
+    cli(*args[:-1], "1", cwd=tmp_path)
+    filler = fill(small_disk, 0)
+    run = cli(*args, cwd=tmp_path, check=False)
+    assert run.returncode == 5, run.stdout + run.stderr
+    assert "Traceback" not in run.stdout + run.stderr and "disk full" in run.stderr
+    filler.unlink()
+    time.sleep(4)  # a trial the full disk left RUNNING is reaped after its grace period and run again
+    cli(*args, cwd=tmp_path)
+    assert_nothing_lost(trials("sq", f"sqlite:///{db}"), 2)
+
+
 def test_a_damaged_sqlite_file_is_one_line(tmp_path, tiny_synthetic):
     study = write_study(tmp_path / "bad.toml", SPACE.format(steps=40))
-    cli("search", str(study), "--data", str(tiny_synthetic), "--n-trials", "2", cwd=tmp_path)
     db = tmp_path / "bad.db"
+    stored = optuna.create_study(study_name="bad", storage=f"sqlite:///{db}", direction="maximize")
+    for i in range(40):  # enough rows for several data pages
+        stored.add_trial(optuna.trial.create_trial(value=i / 40, user_attrs={"run_config": "x" * 400}))
     data = bytearray(db.read_bytes())
     page = 4096
     for start_at in range(2 * page, len(data), page):  # every page but the schema's: garbage

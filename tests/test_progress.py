@@ -52,7 +52,7 @@ def test_quiet_shows_no_progress_and_verbose_the_whole_report(tmp_path, tiny_syn
 def test_a_failed_trial_is_one_line_and_its_traceback_goes_to_the_log(tmp_path, tiny_synthetic, capsys,
                                                                      monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert _search(tmp_path, tiny_synthetic, "--set", "model.loss=test_nan") == 1  # every trial failed
+    assert _search(tmp_path, tiny_synthetic, "--set", "model.loss=test_nan") == 3  # stopped by failures in a row
     out, err = capsys.readouterr()
     failed = [line for line in err.splitlines() if " failed: " in line]
     log = tmp_path / "watch.log"

@@ -43,8 +43,8 @@ def fixed(steps: int) -> str:
     return SPACE.format(steps=steps).replace("lr = { low = 1e-4, high = 1e-2, log = true }", "lr = 3e-3")
 
 
-def start(*args: str, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def start(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.Popen([sys.executable, str(ROOT / "run_study.py"), *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
