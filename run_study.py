@@ -482,9 +482,24 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
     from search.artifact_store import STUDY_ATTR, study_artifact_store
 
     study = _load_study(args.study, args.storage)
+    _check_port_free(args.host, args.port)
     print(f"optuna-dashboard on http://{args.host}:{args.port} (study {study.study_name!r}); Ctrl-C to stop")
     artifact_store = study_artifact_store(study) if STUDY_ATTR in study.user_attrs else None  # checkpoints
     run_server(study._storage, host=args.host, port=args.port, artifact_store=artifact_store)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A busy port is one line, exit 2, before the server prints that it listens (it would fail after)."""
+    import socket
+
+    from search.studyfile import SpecError
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as err:
+        raise SpecError(f"--host {host} --port {port}: cannot listen there ({err.strerror}); another server "
+                        f"(an optuna-dashboard already running?) may hold it: try --port {port + 1}") from None
 
 
 def cmd_status(args: argparse.Namespace) -> None:

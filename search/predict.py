@@ -74,6 +74,9 @@ def from_study(study: optuna.Study, trial: str | None, top_k: int | None,
             raise SpecError(f"trial {picked.number} of study {study.study_name!r} has no checkpoint "
                             f"({picked.state.name})")
         where = f"trial {picked.number} of study {study.study_name!r}: "
+        if picked.state == TrialState.PRUNED:
+            log(f"note: trial {picked.number} was pruned at step {picked.user_attrs.get('steps_run', '?')}; its "
+                "checkpoint is its best weights up to then")
         return [_load_best(study, study_artifact_store(study), picked, artifact_id, where)]
     store = study_artifact_store(study)
     ranked = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: -t.value)

@@ -160,6 +160,9 @@ def _parse(path: Path, raw: dict[str, Any]) -> StudySpec:
     name = study.get("name", path.stem)
     if not isinstance(name, str) or not name.strip():
         raise SpecError(f"study.name={name!r} must be a non-empty string")
+    if any(c in name for c in "/\\\0"):  # it names files too: NAME.db, NAME.artifacts, NAME.results
+        raise SpecError(f"study.name={name!r} must not contain '/' or '\\' (it also names the study's files, "
+                        "e.g. NAME.db); use letters, digits, '-', '_' or '.'")
     spec = StudySpec(
         path=path,
         name=name,

@@ -327,6 +327,9 @@ def open_storage(url: str, heartbeat_interval: int = 30, grace_period: int = 120
     """An RDB storage with heartbeats (trials of a killed worker are failed and retried, not left RUNNING)
     and the storage policy (`outage_s`). With `wait` (a worker), a database that is away at start is waited
     for as long; else (every other command) it is one line at once: most often the URL is wrong."""
+    if url.startswith("postgres://"):  # Heroku-style; SQLAlchemy knows only postgresql://
+        raise SpecError(f"storage {url!r}: did you mean {'postgresql://' + url[len('postgres://'):]!r}? "
+                        "(SQLAlchemy names the dialect postgresql)")
     if not url.startswith(("sqlite:", "postgresql", "mysql", "mariadb")):
         raise SpecError(
             f"storage {url!r} is not supported; use sqlite:///FILE.db, postgresql://... or mysql+pymysql://..."

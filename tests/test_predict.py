@@ -261,3 +261,25 @@ class _Evil:
 def _pickled(path: Path) -> Path:
     torch.save({"format": 1, "model": _Evil()}, path)  # weights_only=True must refuse to run it
     return path
+
+
+def test_predicting_from_a_pruned_trial_says_so(searched):
+    """--trial N of a pruned trial works (its best weights up to the prune) and says that it was pruned."""
+    from optuna.trial import TrialState, create_trial
+
+    from search.artifact_store import STUDY_ATTR
+    from search.predict import from_study
+
+    url = f"sqlite:///{searched / 'studies' / 'fit.db'}"
+    done = optuna.load_study(study_name="fit", storage=url).trials[0]
+    pruned = optuna.create_study(study_name="fit-pruned", storage=url, direction="maximize")
+    pruned.set_user_attr(STUDY_ATTR, optuna.load_study(study_name="fit", storage=url).user_attrs[STUDY_ATTR])
+    pruned.add_trial(create_trial(state=TrialState.PRUNED, params=done.params, distributions=done.distributions,
+                                  intermediate_values=done.intermediate_values, user_attrs=done.user_attrs,
+                                  system_attrs={k: v for k, v in done.system_attrs.items()
+                                                if k.startswith("artifacts:")}))
+    said = []
+    (checkpoint,) = from_study(pruned, "0", None, log=said.append)
+    assert checkpoint is not None
+    assert said == [f"note: trial 0 was pruned at step {done.user_attrs['steps_run']}; its checkpoint is its best "
+                    "weights up to then"]

@@ -245,6 +245,28 @@ stats = { pooling = "stats" }
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".db") == []  # nothing was created
 
 
+def test_names_and_urls_that_would_fail_later_are_one_line_now(tmp_path, capsys):
+    """study.name=a/b (it names files: SQLite's 'unable to open database file' later), postgres:// (SQLAlchemy
+    knows postgresql://), and a dashboard port already taken (the server's traceback after 'Listening')."""
+    import socket
+
+    from search.spec import SpecError
+    from search.storage import open_storage
+
+    path = write_study(tmp_path / "n.toml", SPACE.format(loss='"ce"'))
+    with pytest.raises(SpecError, match=r"study.name='a/b' must not contain '/'"):
+        load_spec(path, ["study.name=a/b"])
+    with pytest.raises(SpecError, match=r"did you mean 'postgresql://u@h/db'\?"):
+        open_storage("postgres://u@h/db")
+    optuna.create_study(study_name="n", storage=f"sqlite:///{tmp_path / 'n.db'}")
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        assert run_study.main(["dashboard", str(path), "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and f"--port {port}: cannot listen there" in err and f"try --port {port + 1}" in err
+    assert "optuna-dashboard on" not in out
+
+
 @pytest.mark.parametrize(("url", "expected"), [
     ("postgresql://u@h/db", "postgresql+psycopg2://u@h/db"),  # SQLAlchemy 2.1 would pick psycopg 3 (absent)
     ("postgresql+psycopg2://u:pw@h:5432/db", "postgresql+psycopg2://u:pw@h:5432/db"),
