@@ -82,7 +82,7 @@ def test_an_outage_longer_than_the_grace_period_resumes_from_the_checkpoint(tmp_
     reaped) and retried from their latest checkpoints; no worker crashes telling a reaped trial."""
     server = private_server
     url = server.create_database()
-    study = write_study(tmp_path / "out.toml", SPACE.format(steps=1200), grace=3)
+    study = write_study(tmp_path / "out.toml", SPACE.format(steps=2500), grace=3)  # outlasts the outage
     proc = start("search", str(study), "--data", str(tiny_synthetic), "--storage", url, "--n-trials", "2",
                  "--workers", "2", cwd=tmp_path)
     wait_for(lambda ts: training(ts, 2), "out", url)
