@@ -388,7 +388,9 @@ def _workers_code(codes: list[int], stats) -> int:
 def _unfinished(study, target, deadline) -> str:
     """Why the asked work is not done when the run ended without an error ('' when it is done): fewer
     finished trials or complete ablation cells than asked, and no deadline that explains it."""
-    if deadline is not None and time_passed(deadline):
+    import time
+
+    if deadline is not None and time.time() >= deadline:
         return ""
     wanted = target()
     if not wanted:
@@ -406,12 +408,6 @@ def _unfinished(study, target, deadline) -> str:
         return ""
     return (f"stopped before the work was done: {done} of {wanted} {what}; run the same command again to "
             "continue (failed trials are retried)")
-
-
-def time_passed(deadline: float) -> bool:
-    import time
-
-    return time.time() >= deadline
 
 
 def _say_done(args, spec, study, stats, url: str, top: int) -> None:

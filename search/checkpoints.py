@@ -120,11 +120,11 @@ def load(artifact_store, artifact_id: str, filename: str | None = None) -> dict[
     """A checkpoint from the store, loaded the safe way (no pickled code). With its filename: a file that
     does not load raises DamagedCheckpoint (a missing one: Optuna's ArtifactNotFound)."""
     with artifact_store.open_reader(artifact_id) as reader:
-        if filename is None:
-            return torch.load(reader, map_location="cpu", weights_only=True)
         try:
             return torch.load(reader, map_location="cpu", weights_only=True)
         except Exception as err:
+            if filename is None:
+                raise
             raise DamagedCheckpoint(filename, load_problem(err)) from err
 
 

@@ -202,6 +202,7 @@ class RunStats:
     stop_reason: str = ""
     exit_code: int = EXIT_OK  # search.faults: why the loop stopped (0: the plan is done, or the deadline)
     outcomes: list = field(default_factory=list)  # OWN_FAIL / OK per trial this process ended (not interrupted)
+    last_reason: str = ""  # fail_reason of this process's last own failure
 
     @property
     def ran(self) -> int:
@@ -290,9 +291,9 @@ def run_trials(
                 retry_interrupted(study)  # other machines' (or this run's) interrupted trials run again now
                 trials = study.get_trials(deepcopy=False)
                 if _failures_in_row(stats.outcomes, max_failures_in_row):
-                    reason = _last_reason(study, stats)
                     return stats.stop(EXIT_STOPPED, f"stopped: the last {max_failures_in_row} trials "
-                                      f"failed (last reason: {reason}); fix the study file, then run again")
+                                      f"failed (last reason: {stats.last_reason}); fix the study file, then run "
+                                      "again")
                 action = plan(trials)
                 if action == DONE:
                     return stats
@@ -309,13 +310,15 @@ def run_trials(
             finally:
                 if lock.is_locked:
                     lock.release()
+            trials = study.get_trials(deepcopy=False)
+            trial = trials[number]
             if outcome in (OWN_FAIL, OK):
                 stats.outcomes.append(outcome)
-            trial = study.get_trials(deepcopy=False)[number]
+            if outcome == OWN_FAIL:
+                stats.last_reason = trial.user_attrs.get("fail_reason", "?")
             stats.states[trial.state.name] += 1
             progress.active().end_trial(number, trial.state.name, trial.value,
-                                        _shown_reason(trial), failures.pop(number, ""),
-                                        study_so_far=_so_far(study.get_trials(deepcopy=False)))
+                                        _shown_reason(trial), failures.pop(number, ""), study_so_far=_so_far(trials))
     except StorageLost as err:
         return stats.stop(EXIT_STORAGE, f"stopped: {err}; running trials keep their checkpoints and resume when "
                           "the study runs again")
@@ -459,12 +462,6 @@ def _first_heartbeat(trial: optuna.Trial) -> None:
 def _failures_in_row(outcomes: list[str], k: int) -> bool:
     """The last k trials this process ended all failed on their own (interrupted ones do not count)."""
     return k > 0 and len(outcomes) >= k and all(o == OWN_FAIL for o in outcomes[-k:])
-
-
-def _last_reason(study: optuna.Study, stats: RunStats) -> str:
-    mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") == worker_name()
-            and t.state == TrialState.FAIL and t.user_attrs.get("fail_reason", INTERRUPTED) != INTERRUPTED]
-    return mine[-1].user_attrs["fail_reason"] if mine else "?"
 
 
 def reap_stale_trials(study: optuna.Study) -> None:
