@@ -15,6 +15,7 @@ from pathlib import Path
 
 EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_STORAGE, EXIT_DISK_FULL = 1, 2, 3, 4, 5  # as search/faults.py
 EXIT_TERMINATED = 143
+ENV_SET = "RUN_STUDY_SET"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     args.argv = argv
+    if hasattr(args, "overrides"):
+        args.overrides += env_overrides(args.command)
     args.done = False  # set once the asked work is done: a signal during the summary then changes nothing
     try:
         return args.func(args) or 0
@@ -65,6 +68,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"interrupted ({name}): running trials are marked failed (reason 'interrupted') and rerun by "
                   "the next run; finished trials are stored. Run the same command again to resume", file=sys.stderr)
         return code
+
+
+def env_overrides(command: str) -> list[str]:
+    """$RUN_STUDY_SET: extra `--set` items for every command that takes them, applied after the command line's
+    (so they win), e.g. RUN_STUDY_SET="train.max_steps=20 train.valid_steps=10" to try any command quickly.
+    Shell-quoted, like a command line. A final fit (`train`) takes only its model.*, train.* and data.* items."""
+    import os
+    import shlex
+
+    items = shlex.split(os.environ.get(ENV_SET, ""))
+    if command == "train":
+        items = [item for item in items if item.partition(".")[0].strip() in ("model", "train", "data")]
+    return items
 
 
 def _storage_lost() -> tuple[type[Exception], ...]:
@@ -298,6 +314,7 @@ def _run(args, spec, timeout, setup, run, top: int, target, open_study=None) -> 
     from search import progress
     from search.artifact_store import default_location
     from search.checkpoints import open_checkpoints
+    from search.origin import record_command, record_dataset
     from search.runner import RunStats, gate, handle_signals, watch_parent
     from search.strategies import make_pruner, make_sampler
     from search.study import create_or_resume
@@ -332,6 +349,8 @@ def _run(args, spec, timeout, setup, run, top: int, target, open_study=None) -> 
         return _exit_code(stats)
 
     with gate(study):
+        record_dataset(study, store, args.data or spec.data_path)
+        record_command(study, spec.path, args.data, args.overrides, timeout)
         setup(study)
     if n_workers == 1:
         finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.state.name != "FAIL"]
@@ -416,6 +435,7 @@ def _say_done(args, spec, study, stats, url: str, top: int) -> None:
     from reports import DEFAULT_FORMATS, write_report
     from reports.tables import budget_starved
     from search.checkpoints import best_checkpoint_id
+    from search.origin import study_handle
     from search.progress import params_text
     from search.storage import results_dir
 
@@ -435,12 +455,10 @@ def _say_done(args, spec, study, stats, url: str, top: int) -> None:
         if starved:
             print(starved)
     print("report: " + ", ".join(map(str, paths)))
-    renamed = any(item.strip().startswith("study.name") for item in args.overrides)
-    study_arg = f"{spec.name} --storage {url}" if renamed or args.storage else spec.path  # what finds this study
-    data = f" --data {args.data}" if args.data else ""
+    study_arg = study_handle(study)  # what finds this study; the data is recorded on it
     if complete and top:
-        print(f"next: run-study train {study_arg}{data} --trial best --set train.max_steps=N   (final fit)\n"
-              f"      run-study predict {study_arg}{data} --top-k 3 --out submission.csv\n"
+        print(f"next: run-study train {study_arg} --trial best --set train.max_steps=N   (final fit)\n"
+              f"      run-study predict {study_arg} --top-k 3 --out submission.csv\n"
               f"      run-study dashboard {study_arg}")
     else:
         print(f"next: run-study dashboard {study_arg}")
@@ -507,7 +525,10 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    import shlex
+
     from search.final import final_config, fit, pick_trial
+    from search.origin import recorded_path
     from search.runner import handle_signals
 
     handle_signals()
@@ -520,11 +541,13 @@ def cmd_train(args: argparse.Namespace) -> None:
           f"{_fmt(trial.value)} in the study): {cfg.train.max_steps} steps")
     result = fit(cfg, store, out, {"study": study.study_name, "trial": trial.number, "overrides": args.overrides})
     print(f"best valid_acc {result.best_valid_acc:.4f} at step {result.best_step}; saved {out}")
-    print(f"next: run-study predict {out} --data {_data_root(args, spec)} --out submission.csv")
+    data = args.data or recorded_path(study) or spec.data_path
+    print(f"next: run-study predict {shlex.quote(str(out))} --data {shlex.quote(str(data))} --out submission.csv")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from search import predict
+    from search.origin import recorded_path
     from search.studyfile import SpecError
 
     _check_positive("--batch-size", args.batch_size)
@@ -533,14 +556,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if source.suffix == ".pt" or (source.is_file() and source.suffix != ".toml"):
         if args.trial or args.top_k:
             raise SpecError("--trial and --top-k choose trials of a study; a checkpoint file is one model")
-        checkpoints, spec = [predict.from_file(source)], None
+        checkpoints, spec, study = [predict.from_file(source)], None, None
     else:
         study, spec, _ = _load_study_and_spec(args.source, args.storage)
         checkpoints = predict.from_study(study, args.trial, args.top_k)
-    data = args.data or (spec.data_path if spec else None)
+    data = args.data or (recorded_path(study) if study else None) or (spec.data_path if spec else None)
     if data is None:
         raise SpecError("--data DIR is needed: the HW4 folder with testdata.json")
-    store = _open_data_folder(data)
+    checks = [predict.shape_check(c) for c in checkpoints]
+    store = _open_data_folder(data, lambda index, root: [check(index, root) for check in checks])
     if store.n_test == 0:
         raise SpecError(f"{data}/testdata.json: missing or empty; predict needs the test utterances")
     for checkpoint in checkpoints:
@@ -619,11 +643,14 @@ def _find(study: str, storage: str | None) -> tuple[str, str, Path]:
 def _data_for(study, spec, override: Path | None):
     """The dataset a study was run on: --data or the study file's; refused if it is other data."""
     from data import DataError
+    from search.origin import recorded_path, study_shape
     from search.studyfile import SpecError
 
+    override = override or recorded_path(study)  # the data it ran on, wherever the study file points
     if spec is None and override is None:
         raise SpecError(f"study {study.study_name!r} named without its study file: give --data DIR")
-    store = _open_data(spec, override) if spec is not None else _open_data_folder(override)
+    check = study_shape(study)
+    store = _open_data(spec, override, check=check) if spec is not None else _open_data_folder(override, check)
     expected = study.user_attrs.get("data_fingerprint")
     if expected and store.fingerprint != expected:
         raise DataError(f"{override or spec.data_path}: not the dataset study {study.study_name!r} was run on "
@@ -631,19 +658,16 @@ def _data_for(study, spec, override: Path | None):
     return store
 
 
-def _data_root(args, spec) -> Path:
-    return args.data or spec.data_path
-
-
-def _open_data_folder(path: Path):
+def _open_data_folder(path: Path, check=None):
+    """The folder's store; `check(index, root)` refuses it from its JSON files, before anything is packed."""
     from data import DataError, open_store
 
     if not path.is_dir():
         raise DataError(f"{path}: dataset folder not found (a HW4 folder holds metadata.json and mapping.json)")
-    return open_store(path)
+    return open_store(path, check=check)
 
 
-def _open_data(spec, override: Path | None, quiet: bool = False):
+def _open_data(spec, override: Path | None, quiet: bool = False, check=None):
     from data.synthetic import make_synthetic
     from search.studyfile import SpecError
 
@@ -657,7 +681,7 @@ def _open_data(spec, override: Path | None, quiet: bool = False):
             make_synthetic(path, **spec.synthetic)
         except TypeError as err:
             raise SpecError(f"{spec.path}: data.synthetic: {err}") from None
-    return _open_data_folder(path)
+    return _open_data_folder(path, check)
 
 
 def _check_positive(flag: str, value: float | None) -> None:

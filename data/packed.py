@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,20 +73,25 @@ def pack(root: str | Path, cache_dir: str | Path | None = None) -> Path:
         return pack_dir
 
 
-def open_store(root: str | Path, cache_dir: str | Path | None = None) -> PackedStore:
+def open_store(root: str | Path, cache_dir: str | Path | None = None,
+               check: Callable[[HW4Index, Path], None] | None = None) -> PackedStore:
     """Open the packed store of a HW4 folder, packing it first if missing or stale.
 
     Reads the JSON files, stats every feature file (hashing those that changed) and the small index;
-    features stay on disk (mmap).
+    features stay on disk (mmap). `check(index, root)` runs on the JSON files alone, before anything is hashed,
+    packed or created (e.g. the speakers a model was trained on): it raises to refuse the folder.
     """
-    with _current_pack(root, cache_dir) as pack_dir:
+    with _current_pack(root, cache_dir, check) as pack_dir:
         return _load(pack_dir)
 
 
 @contextmanager
-def _current_pack(root: str | Path, cache_dir: str | Path | None) -> Iterator[Path]:
+def _current_pack(root: str | Path, cache_dir: str | Path | None,
+                  check: Callable[[HW4Index, Path], None] | None = None) -> Iterator[Path]:
     """Yield an up-to-date pack dir while holding the lock, so no concurrent repack swaps it."""
     index = read_index(root)
+    if check is not None:
+        check(index, Path(root))
     pack_dir = _resolve_cache_dir(Path(root), cache_dir) / "pack"
     with FileLock(pack_dir.parent / "lock"):
         fp = _fingerprint(index, pack_dir.parent / HASHES)

@@ -11,6 +11,7 @@ import pandas as pd
 
 from reports.document import Report, Section
 from reports.figures import IMPORTANCE_NOTE, choice_figures, search_figures
+from search.origin import COMMAND_ATTR, search_command, study_handle
 
 ATTR_COLUMNS = ("n_params", "flops_per_segment", "steps_run", "steps_per_s", "best_step", "seed",
                 "stopped_at_deadline")  # the step a trial running at the study's deadline stopped at
@@ -124,8 +125,9 @@ def search_report(study: optuna.Study, k: int = 10, plots: bool = False) -> Repo
 def budget_starved(study: optuna.Study) -> str:
     """A warning when the best complete trial peaked at its last evaluation with accuracy still rising: its
     budget, not its config, limited it, and longer trials would likely do better; it names which budget (the
-    study's deadline, train.max_minutes or train.max_steps) and what to try. '' otherwise, and at accuracy 1.0,
-    which cannot rise."""
+    study's deadline, train.max_minutes or train.max_steps) and gives commands that work as printed: a new study
+    with twice that budget (a budget is part of a study's identity, so this one cannot resume with another) and a
+    final fit of that trial. '' otherwise, and at accuracy 1.0, which cannot rise."""
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     curves = [sorted(t.intermediate_values.items()) for t in complete]
     peaked = [c for c in curves if len(c) >= 2 and max(v for _, v in c) == c[-1][1]]
@@ -137,18 +139,24 @@ def budget_starved(study: optuna.Study) -> str:
         return ""
     (prev_step, prev), (last_step, last) = curve[-2], curve[-1]
     train = best.user_attrs.get("run_config", {}).get("train", {})
-    final_fit = f"run-study train {study.study_name} --trial {best.number} --set train.max_steps={4 * last_step}"
+    final_fit = f"run-study train {study_handle(study)} --trial {best.number} --set train.max_steps={4 * last_step}"
+    timeout = (study.user_attrs.get(COMMAND_ATTR) or {}).get("timeout")
     if "stopped_at_deadline" in best.user_attrs:
-        limit, advice = "the study's deadline stopped it", "give the study more time (--timeout)"
+        limit, what = "the study's deadline stopped it", "more time"
+        new = search_command(study, f"{study.study_name}-longer", timeout=2 * timeout) if timeout else None
     elif train.get("max_minutes") and last_step < train.get("max_steps", last_step):
-        limit = f"train.max_minutes={train['max_minutes']:g} sized it to {last_step} steps"
-        advice = f"try train.max_minutes={2 * train['max_minutes']:g}"
+        minutes = 2 * train["max_minutes"]
+        limit, what = f"train.max_minutes={train['max_minutes']:g} sized it to {last_step} steps", \
+            f"train.max_minutes={minutes:g}"
+        new = search_command(study, f"{study.study_name}-{minutes:g}min", what)
     else:
-        limit, advice = "", f"try train.max_steps={2 * last_step}"
+        limit, what = "", f"train.max_steps={2 * last_step}"
+        new = search_command(study, f"{study.study_name}-{2 * last_step}steps", what)
+    advice = f"a new study with {what}: {new}" if new else f"a new study (--set study.name=NEW) with {what}"
     return (f"(!) budget-starved: the best trial ({best.number}) peaked at its last evaluation, step {last_step}, "
             f"with validation accuracy still rising ({prev:.4f} at step {prev_step} -> {last:.4f})"
             f"{f'; {limit}' if limit else ''}; {len(peaked)} of {len(complete)} complete trials peaked at their last "
-            f"evaluation. Longer trials would likely do better: {advice}, or a final fit: {final_fit}")
+            f"evaluation. Longer trials would likely do better: {advice}; or a final fit of that trial: {final_fit}")
 
 
 def searched_params(study: optuna.Study) -> list[str]:

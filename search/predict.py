@@ -31,6 +31,7 @@ from search.checkpoints import (
 )
 from search.config import RunConfig
 from search.final import pick_trial
+from search.origin import same_shape
 from search.spec import SpecError
 from search.train import autocast, default_device
 
@@ -115,14 +116,15 @@ def _load_best(study: optuna.Study, store, t: FrozenTrial, artifact_id: str, whe
     return Checkpoint(f"{study.study_name}/trial {t.number}", values)
 
 
+def shape_check(checkpoint: Checkpoint):
+    """The check of a folder (its JSON files, before packing; or its store): the checkpoint's n_mels and speakers."""
+    return same_shape(checkpoint.values["n_mels"], checkpoint.values["id2speaker"], checkpoint.name)
+
+
 def check_compatible(checkpoint: Checkpoint, store: PackedStore, data: Path, other_data: bool) -> None:
     """Same n_mels, same speakers in the same order; the same dataset unless other_data."""
     values = checkpoint.values
-    if values["n_mels"] != store.n_mels:
-        raise DataError(f"{data}: n_mels is {store.n_mels} but {checkpoint.name} was trained on {values['n_mels']}")
-    if list(values["id2speaker"]) != list(store.id2speaker):
-        raise DataError(f"{data}/mapping.json: its {store.n_classes} speakers differ from the "
-                        f"{len(values['id2speaker'])} that {checkpoint.name} was trained on; use that dataset")
+    shape_check(checkpoint)(store, data)
     if values["fingerprint"] != store.fingerprint and not other_data:
         raise DataError(f"{data}: not the dataset {checkpoint.name} was trained on (fingerprint {store.fingerprint}, "
                         f"trained on {values['fingerprint']}); same speakers, so --other-data predicts anyway")

@@ -28,7 +28,7 @@ def study_status(study: optuna.Study, now: float) -> str:
         step = max(t.intermediate_values, default=None)
         reported = f"step {step} value {t.intermediate_values[step]:.4f}" if step is not None else "no step reported"
         age = beats.get(t.number) if beats is not None else None
-        started = f"{_duration(now - t.datetime_start.timestamp())} ago" if t.datetime_start else "?"
+        started = f"{duration_text(now - t.datetime_start.timestamp())} ago" if t.datetime_start else "?"
         lines.append(f"  running #{t.number} on {t.user_attrs.get('worker', '?')}: {reported}, heartbeat "
                      f"{'?' if age is None else f'{age:.0f} s ago'}, started {started}")
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -74,7 +74,7 @@ def _progress(study: optuna.Study, trials: list[FrozenTrial], n_running: int) ->
     if not finished:
         return "finished: none yet"
     mean = sum(t.duration.total_seconds() for t in finished) / len(finished)
-    line = f"finished: {len(finished)}, mean {_duration(mean)} each"
+    line = f"finished: {len(finished)}, mean {duration_text(mean)} each"
     workers = max(1, n_running)
     if not ablation:
         target = attrs.get(TARGET_ATTR)
@@ -83,13 +83,14 @@ def _progress(study: optuna.Study, trials: list[FrozenTrial], n_running: int) ->
         left = max(0, target - len(finished))
         if left == 0:
             return line + f"; target of {target} reached"
-        return line + f"; {left} of {target} trials left, ETA {_duration(left * mean / workers)} ({n_running} running)"
+        eta = duration_text(left * mean / workers)
+        return line + f"; {left} of {target} trials left, ETA {eta} ({n_running} running)"
     target = len(attrs["rows"]) * len(attrs["seeds"])
     left = target - len({(t.params.get("variant"), t.params.get("seed")) for t in finished})
-    return line + f"; {left} of {target} cells left, ETA {_duration(left * mean / workers)} ({workers} running)"
+    return line + f"; {left} of {target} cells left, ETA {duration_text(left * mean / workers)} ({workers} running)"
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
     seconds = max(0, round(seconds))
     if seconds < 60:
         return f"{seconds} s"

@@ -32,8 +32,8 @@ lr = { low = 1e-3, high = 5e-3, log = true }
 """
 
 
-def cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def cli(*args: str, cwd: Path, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     env.pop("OPTUNA_STORAGE", None)  # the default --storage: a developer's own must not receive test studies
     run = subprocess.run([sys.executable, str(ROOT / "run_study.py"), *args], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=300)

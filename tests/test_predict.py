@@ -103,33 +103,42 @@ def test_a_trials_best_artifact_is_what_predict_uses(searched):
     assert predict.from_study(study, "1", None)[0].values["valid_acc"] == checkpoint["valid_acc"] == trial.value
 
 
-@pytest.mark.parametrize("case", ["other_mels", "no_testdata", "garbage_file", "bad_trial", "bad_set",
-                                  "pickled_code", "missing_labels", "other_data", "train_other_data",
-                                  "missing_checkpoint", "truncated_file", "truncated_trial", "truncated_best"])
+@pytest.mark.parametrize("case", ["other_mels", "other_speakers", "train_other_speakers", "no_testdata",
+                                  "garbage_file", "bad_trial", "bad_set", "pickled_code", "missing_labels",
+                                  "other_data", "train_other_data", "missing_checkpoint", "truncated_file",
+                                  "truncated_trial", "truncated_best"])
 def test_bad_input_is_one_line_and_exit_2(searched, tiny_synthetic, hw4_folder, case, tmp_path, capsys):
     study = str(searched / "studies/fit.toml")
     data = str(tiny_synthetic)
     out = ["--out", str(tmp_path / "s.csv")]
-    args = {
-        "other_mels": ["predict", study, "--data", str(hw4_folder(n_mels=8)), *out],
-        "no_testdata": ["predict", study, "--data", str(_without_testdata(tiny_synthetic, tmp_path)), *out],
-        "garbage_file": ["predict", str(_write(tmp_path / "x.pt", b"not a checkpoint")), "--data", data, *out],
-        "bad_trial": ["predict", study, "--trial", "99", "--data", data, *out],
-        "bad_set": ["train", study, "--data", data, "--set", "train.max_stepz=5"],
-        "pickled_code": ["predict", str(_pickled(tmp_path / "evil.pt")), "--data", data, *out],
-        "missing_labels": ["predict", study, "--data", data, "--labels", str(tmp_path / "none.csv"), *out],
-        "other_data": ["predict", study, "--data", str(_one_test_utterance_less(tiny_synthetic, tmp_path)), *out],
-        "train_other_data": ["train", study, "--data", str(_one_test_utterance_less(tiny_synthetic, tmp_path)),
-                             "--out", str(tmp_path / "f.pt")],
-        "missing_checkpoint": ["predict", str(_without_best_checkpoint(searched, tmp_path)), "--storage",
-                               f"sqlite:///{tmp_path / 'copy.db'}", "--data", data, *out],
-        "truncated_file": ["predict", str(_truncated_copy(searched, tmp_path)), "--data", data, *out],
-        "truncated_trial": ["predict", "fit", "--storage", _with_damaged_best(searched, tmp_path / "cut1", 1)[0],
-                            "--trial", "1", "--data", data, *out],
-        "truncated_best": ["predict", "fit", "--storage", _with_damaged_best(searched, tmp_path / "cut", "best")[0],
-                           "--data", data, *out],
-    }[case]
-    expected = {"other_mels": "n_mels", "no_testdata": "testdata.json", "garbage_file": "x.pt",
+    args = {  # built lazily: only this case's files
+        "other_mels": lambda: ["predict", study, "--data", str(hw4_folder(n_mels=8)), *out],
+        "other_speakers": lambda: ["predict", study, "--data", str(hw4_folder(n_mels=16)), *out],
+        "train_other_speakers": lambda: ["train", study, "--data", str(hw4_folder(n_mels=16)),
+                                         "--out", str(tmp_path / "f.pt")],
+        "no_testdata": lambda: ["predict", study, "--data", str(_without_testdata(tiny_synthetic, tmp_path)), *out],
+        "garbage_file": lambda: ["predict", str(_write(tmp_path / "x.pt", b"not a checkpoint")), "--data", data,
+                                 *out],
+        "bad_trial": lambda: ["predict", study, "--trial", "99", "--data", data, *out],
+        "bad_set": lambda: ["train", study, "--data", data, "--set", "train.max_stepz=5"],
+        "pickled_code": lambda: ["predict", str(_pickled(tmp_path / "evil.pt")), "--data", data, *out],
+        "missing_labels": lambda: ["predict", study, "--data", data, "--labels", str(tmp_path / "none.csv"), *out],
+        "other_data": lambda: ["predict", study, "--data", str(_one_test_utterance_less(tiny_synthetic, tmp_path)),
+                               *out],
+        "train_other_data": lambda: ["train", study, "--data", str(_one_test_utterance_less(tiny_synthetic, tmp_path)),
+                                     "--out", str(tmp_path / "f.pt")],
+        "missing_checkpoint": lambda: ["predict", str(_without_best_checkpoint(searched, tmp_path)), "--storage",
+                                       f"sqlite:///{tmp_path / 'copy.db'}", "--data", data, *out],
+        "truncated_file": lambda: ["predict", str(_truncated_copy(searched, tmp_path)), "--data", data, *out],
+        "truncated_trial": lambda: ["predict", "fit", "--storage",
+                                    _with_damaged_best(searched, tmp_path / "cut1", 1)[0], "--trial", "1",
+                                    "--data", data, *out],
+        "truncated_best": lambda: ["predict", "fit", "--storage",
+                                   _with_damaged_best(searched, tmp_path / "cut", "best")[0], "--data", data, *out],
+    }[case]()
+    expected = {"other_mels": "n_mels is 8 but fit/trial", "no_testdata": "testdata.json", "garbage_file": "x.pt",
+                "other_speakers": "mapping.json: its 4 speakers differ from the 8 that fit/trial",
+                "train_other_speakers": "mapping.json: its 4 speakers differ from the 8 that study 'fit' was trained",
                 "bad_trial": "--trial '99'", "bad_set": "max_stepz", "pickled_code": "evil.pt",
                 "missing_labels": "none.csv", "other_data": "--other-data predicts anyway",
                 "train_other_data": "not the dataset study 'fit' was run on",
@@ -150,6 +159,8 @@ def test_bad_input_is_one_line_and_exit_2(searched, tiny_synthetic, hw4_folder, 
     if case != "missing_labels":
         assert not (tmp_path / "s.csv").exists()  # nothing written before the input is known good
     assert not (tmp_path / "f.pt").exists()
+    if case in ("other_mels", "other_speakers", "train_other_speakers"):  # refused from the JSON files alone
+        assert not list(tmp_path.rglob(".hw4pack")), "the other folder was hashed and packed before the refusal"
 
 
 def test_other_data_of_the_same_speakers_is_predicted_when_asked(searched, tiny_synthetic, tmp_path):
@@ -283,3 +294,61 @@ def test_predicting_from_a_pruned_trial_says_so(searched):
     assert checkpoint is not None
     assert said == [f"note: trial 0 was pruned at step {done.user_attrs['steps_run']}; its checkpoint is its best "
                     "weights up to then"]
+
+
+def test_train_and_predict_find_a_study_by_name_alone_and_its_dataset(searched, tmp_path, capsys):
+    """Elsewhere, with only the study's name and storage: the dataset its search ran on is recorded on it."""
+    url = f"sqlite:///{searched / 'studies/fit.db'}"
+    study = optuna.load_study(study_name="fit", storage=url)
+    assert Path(study.user_attrs["dataset"]["path"]).name == "tiny"
+    out = tmp_path / "by-name.pt"
+    assert run_study.main(["train", "fit", "--storage", url, "--set", "train.max_steps=20", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"next: run-study predict {out} --data {study.user_attrs['dataset']['path']} --out submission.csv" in said
+    assert run_study.main(["predict", "fit", "--storage", url, "--out", str(tmp_path / "s.csv")]) == 0
+
+
+def test_a_final_fit_says_where_it_is_with_speed_and_eta_between_evaluations():
+    from search.final import FitProgress
+
+    now = [0.0]
+    lines: list[str] = []
+    progress = FitProgress(1000, lines.append, every_s=60, clock=lambda: now[0])
+    for _ in range(250):  # 250 steps in 125 s, no evaluation yet: a line every 60 s
+        progress.step()
+        now[0] += 0.5
+    assert lines == ["step 120/1000, 2 steps/s, 1 min 00 s so far, ETA 7 min 20 s",
+                     "step 240/1000, 2 steps/s, 2 min 00 s so far, ETA 6 min 20 s"]
+    progress.evaluated(250, 0.41)
+    assert lines[-1] == "step 250/1000: valid_acc 0.4100 (best 0.4100), 2 steps/s, 2 min 05 s so far, ETA 6 min 15 s"
+
+
+def test_the_budget_starved_hint_gives_commands_that_work(searched, tmp_path, monkeypatch):
+    """The hint's commands, run as printed: a new study with twice the steps (this one cannot resume with another
+    budget) and a final fit of the trial. The starved best trial is a copy of a real one with a rising curve."""
+    import shlex
+
+    from optuna.trial import create_trial
+
+    from reports.tables import budget_starved
+
+    work = tmp_path / "work"
+    shutil.copytree(searched, work, ignore=shutil.ignore_patterns("*.results"))
+    url = f"sqlite:///{work / 'studies/fit.db'}"
+    study = optuna.load_study(study_name="fit", storage=url)
+    study.set_user_attr("command", {**study.user_attrs["command"], "study_file": str(work / "studies/fit.toml")})
+    monkeypatch.chdir(work)  # the hint shows paths as typed from here
+    real = study.best_trial
+    study.add_trial(create_trial(value=0.99, params=real.params, distributions=real.distributions,
+                                 intermediate_values={10: 0.5, 20: 0.99}, user_attrs=real.user_attrs))
+    hint = budget_starved(study)
+    commands = [part.strip().rstrip(".") for part in hint.split(": ")[-2:]]
+    new, fit = commands[0].split("; or a final fit of that trial")[0], commands[1]
+    assert new == (f"run-study search studies/fit.toml --data {study.user_attrs['dataset']['path']} "
+                   "--set study.name=fit-40steps --set train.max_steps=40")
+    assert fit == f"run-study train studies/fit.toml --trial {len(study.trials) - 1} --set train.max_steps=80"
+    env = "study.n_trials=1 train.max_steps=20 train.valid_steps=10"  # as small as the suite affords
+    for command in (new, fit):
+        run = cli(*shlex.split(command)[1:], cwd=work, check=False, env={"RUN_STUDY_SET": env})
+        assert run.returncode == 0, (command, run.stderr)
+    assert optuna.load_study(study_name="fit-40steps", storage=f"sqlite:///{work / 'studies/fit-40steps.db'}")

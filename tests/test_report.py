@@ -324,11 +324,12 @@ def test_a_best_trial_still_rising_at_its_last_evaluation_is_flagged_budget_star
     sized.add_trial(create_trial(value=0.6, intermediate_values={100: 0.4, 200: 0.6}, user_attrs={
         "run_config": {"train": {"max_steps": 4000, "max_minutes": 4.0}}}))
     assert ("0.6000); train.max_minutes=4 sized it to 200 steps; 1 of 1 complete trials peaked at their last "
-            "evaluation. Longer trials would likely do better: try train.max_minutes=8") in budget_starved(sized)
+            "evaluation. Longer trials would likely do better: a new study (--set study.name=NEW) with "
+            "train.max_minutes=8") in budget_starved(sized)
     late = optuna.create_study(direction="maximize")
     late.add_trial(create_trial(value=0.6, intermediate_values={100: 0.4, 200: 0.6},
                                 user_attrs={"stopped_at_deadline": 200}))
-    assert "the study's deadline stopped it" in budget_starved(late) and "--timeout" in budget_starved(late)
+    assert "the study's deadline stopped it" in budget_starved(late) and "with more time" in budget_starved(late)
 
 
 def test_importances_of_a_seldom_drawn_conditional_parameter_print_no_warnings(tmp_path):
