@@ -458,7 +458,7 @@ def _say_done(args, spec, study, stats, url: str, top: int) -> None:
     study_arg = study_handle(study)  # what finds this study; the data is recorded on it
     if complete and top:
         print(f"next: run-study train {study_arg} --trial best --set train.max_steps=N   (final fit)\n"
-              f"      run-study predict {study_arg} --top-k 3 --out submission.csv\n"
+              f"      run-study predict {study_arg} --top-k {min(3, len(complete))} --out submission.csv\n"
               f"      run-study dashboard {study_arg}")
     else:
         print(f"next: run-study dashboard {study_arg}")

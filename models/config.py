@@ -107,6 +107,24 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def unused_keys(self) -> set[str]:
+        """Keys that configure nothing in this model (a Transformer's conv_kernel, CE's margin), left out of what
+        is shown so a run config lists only what shaped the model; from_dict fills them back with defaults."""
+        unused = set()
+        if self.encoder != "conformer":
+            unused |= {"conv_kernel", "conv_expansion", "attn_dropout", "conv_dropout"}
+        if self.encoder == "none":
+            unused |= {"nhead", "n_layers", "ff_mult", "dropout"}
+        if self.loss == "ce":
+            unused |= {"margin", "margin_warmup_steps", "margin_warmup_fraction"}
+        if self.classifier != "cosine":
+            unused.add("scale")
+        if self.pooling != "attentive_stats":
+            unused.add("pool_hidden")
+        if self.head == "linear":
+            unused |= {"head_activation", "head_dropout"}
+        return unused
+
     @classmethod
     def from_dict(cls, values: dict[str, Any], section: str = "model") -> ModelConfig:
         return cls(**known_keys(cls, values, section))

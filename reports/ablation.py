@@ -11,6 +11,11 @@ from reports.figures import ablation_figures, learning_curves
 from reports.stats import ACCURACY_RANGE, CUT_MARK, DELTA_RANGE, ablation_table
 from search.cells import cell_of
 
+FLAG_MARK = "‡"  # on a Wilcoxon p that could never be < 0.05 (too few seeds); † (CUT_MARK) marks a cut CI bound
+TOO_FEW_SEEDS = (f"{FLAG_MARK} too few seeds: with 5 or fewer paired seeds whose accuracies differ (equal pairs "
+                 "drop out) the Wilcoxon test cannot reach p < 0.05 whatever the data; add seeds before trusting a "
+                 "difference.")
+
 
 def is_ablation(study: optuna.Study) -> bool:
     return study.user_attrs.get("kind") == "ablation"
@@ -60,7 +65,8 @@ def ablation_report(study: optuna.Study) -> Report:
     cells = ablation_cells(study)
     table = ablation_frame(study, cells)
     seeds = study.user_attrs.get("seeds", [])
-    intro = (f"Validation accuracy over seeds {seeds}; each variant is compared with "
+    intro = (f"Each cell's best validation accuracy over its evaluations (its peak, picked on the validation split "
+             f"the variants are compared on), over seeds {seeds}; each variant is compared with "
              f"`{study.user_attrs.get('baseline_row')}` paired by seed (paired t-test and Wilcoxon signed-rank, "
              "Holm-corrected across variants; the Wilcoxon p is exact and tie-aware; "
              "d_z = mean difference / sd of differences). 95% confidence intervals are t intervals, cut where they "
@@ -72,18 +78,42 @@ def ablation_report(study: optuna.Study) -> Report:
     title = f"Ablation `{study.study_name}`"
     if table.empty:
         return Report(title, [Section(text=intro), Section(text="No finished cells yet.")], csv=table, tex=table)
-    flagged = table["too_few_seeds"].fillna(False).astype(bool).any()
+    display = _display(table)
+    by_seed = _by_seed(cells, table["variant"])
+    by_seed.attrs["latex"] = "seeds"  # exported to LaTeX too, after the main table (label tab:STUDY-seeds)
     sections = [
-        Section(text="\n\n".join(filter(None, [intro, duplicates_note(cells)])), table=_display(table),
-                note="(!) too few seeds: with 5 or fewer paired seeds whose accuracies differ (equal pairs drop out) "
-                     "the Wilcoxon test cannot reach p < 0.05 whatever the data; add seeds before trusting a "
-                     "difference." if flagged else ""),
-        Section("Cells by seed", "Final validation accuracy of each (variant, seed) run; "
-                "a pruned or failed run is named instead.", table=_by_seed(cells, table["variant"]), index=True,
-                floatfmt=".4f"),
+        # floatfmt: tabulate reads "1.00" as a number and reprints it; "#.3g" gives back the display's own text
+        Section(text="\n\n".join(filter(None, [intro, duplicates_note(cells)])), table=display, floatfmt="#.3g",
+                note=legend(display, study.user_attrs.get("baseline_row"))),
+        Section("Cells by seed: best validation accuracy",
+                "Each (variant, seed) cell's best validation accuracy over its evaluations (the trial's value: its "
+                "peak, which can be above its accuracy at the last evaluation), picked on the validation split, the "
+                "same split the variants are compared on; a pruned or failed cell is named instead.",
+                table=by_seed, index=True, floatfmt=".4f"),
     ]
     figures = ablation_figures(cells, table) + learning_curves(study)  # labelled curves: the dashboard's are not
-    return Report(title, sections, figures, csv=table, tex=sections[0].table)  # LaTeX: the table as read
+    return Report(title, sections, figures, csv=table, tex=display)  # LaTeX: the table as read, and by seed
+
+
+def legend(display: pd.DataFrame, baseline: str | None) -> str:
+    """What the display table's short headers and marks mean (the marks only where they occur)."""
+    text = ("c/p/f: complete/pruned/failed cells; mean ± std and 95% CI over the complete cells; "
+            f"Δ: mean difference from `{baseline}` paired by seed, with its 95% CI; p_t, p_W: paired t-test and "
+            "exact Wilcoxon signed-rank p-values, Holm-corrected across the variants; "
+            "d_z: mean difference / sd of differences.")
+    cells = display.astype(str).to_numpy().ravel()
+    if any(CUT_MARK in c for c in cells):
+        text += f" {CUT_MARK} a CI bound cut to the range the value can take ([0, 1], for Δ [-1, 1])."
+    if any(FLAG_MARK in c for c in cells):
+        text += " " + TOO_FEW_SEEDS
+    return text
+
+
+def format_p(p: float) -> str:
+    """A p-value to 3 significant digits, trailing zeros kept (0.9996 -> '1.00', never '1'); '<0.001' below."""
+    if pd.isna(p):
+        return ""
+    return "<0.001" if p < 0.001 else format(p, "#.3g")
 
 
 def _by_seed(cells: pd.DataFrame, order: pd.Series) -> pd.DataFrame:
@@ -93,7 +123,8 @@ def _by_seed(cells: pd.DataFrame, order: pd.Series) -> pd.DataFrame:
 
 
 def _display(table: pd.DataFrame) -> pd.DataFrame:
-    """The table as a reader wants it: counts, mean +- std, CIs, Holm p-values, flags."""
+    """The table as a reader wants it, one frame for Markdown, HTML and LaTeX: counts, mean +- std, CIs, Holm
+    p-values with the too-few-seeds flag as a mark on p_W, short headers explained by `legend`."""
 
     def fmt(x: float, spec: str = ".4f") -> str:
         return "" if pd.isna(x) else format(x, spec)
@@ -110,13 +141,12 @@ def _display(table: pd.DataFrame) -> pd.DataFrame:
         delta_ci = interval(r.delta_ci_low, r.delta_ci_high, "+.4f", DELTA_RANGE) or f"({r.n_pairs} pair)"
         rows.append({
             "variant": r.variant,
-            "complete/pruned/failed": f"{r.n_complete}/{r.n_pruned}/{r.n_failed}",
+            "c/p/f": f"{r.n_complete}/{r.n_pruned}/{r.n_failed}",
             "mean ± std": f"{fmt(r.mean)} ± {fmt(r.std)}" if not pd.isna(r.std) else fmt(r.mean),
             "95% CI": interval(r.ci_low, r.ci_high),
-            "Δ vs baseline [95% CI]": f"{fmt(r.delta, '+.4f')} {delta_ci}" if comparison else "",
-            "p (t, Holm)": fmt(r.p_t_holm, ".3g"),
-            "p (Wilcoxon, Holm)": fmt(r.p_wilcoxon_holm, ".3g"),
-            "d_z": fmt(r.d_z, ".2f"),
-            "flag": "too few seeds" if comparison and bool(r.too_few_seeds) else "",
+            "Δ [95% CI]": f"{fmt(r.delta, '+.4f')} {delta_ci}" if comparison else "",
+            "p_t": format_p(r.p_t_holm),
+            "p_W": format_p(r.p_wilcoxon_holm) + (FLAG_MARK if comparison and r.too_few_seeds else ""),
+            "d_z": "0.00" if abs(r.d_z) < 0.01 else fmt(r.d_z, "#.3g"),  # 3 significant digits, not 0.000219
         })
     return pd.DataFrame(rows)

@@ -36,7 +36,12 @@ class Report:
     tex: pd.DataFrame | None = None  # the main table for a paper (LaTeX)
 
 
-def to_markdown(report: Report) -> str:
+NOTE_WIDTH = 100  # monospace characters a line of optuna-dashboard's note shows in a window about 1,200 px wide
+
+
+def to_markdown(report: Report, width: int | None = None) -> str:
+    """The report as Markdown, tables as GitHub tables; with `width`, tables as aligned monospace blocks no wider
+    than `width` characters (see to_note)."""
     lines = [f"# {report.title}"]
     for s in report.sections:
         if s.title:
@@ -45,12 +50,37 @@ def to_markdown(report: Report) -> str:
             lines += ["", s.text]
         if s.table is not None:
             blanks = s.table.astype(object).where(s.table.notna(), None)  # tabulate prints None as "", NaN as "nan"
-            lines += ["", blanks.to_markdown(index=s.index, floatfmt=s.floatfmt)]
+            lines += ["", _text_table(blanks, s, width) if width else
+                      blanks.to_markdown(index=s.index, floatfmt=s.floatfmt)]
         if s.code is not None:
             lines += ["", "```json", s.code, "```"]
         if s.note:
             lines += ["", s.note]
     return "\n".join(lines) + "\n"
+
+
+def to_note(report: Report) -> str:
+    """The report as optuna-dashboard's note: its Markdown draws tables without cell padding (neighbouring values
+    run together, "0.2667 0.0008823") and a code block as one unwrapped line, so tables are code blocks of aligned
+    columns two spaces apart, a wide one cut into blocks of columns that each start with its first column."""
+    return to_markdown(report, NOTE_WIDTH)
+
+
+def _text_table(blanks: pd.DataFrame, s: Section, width: int) -> str:
+    text = blanks.to_markdown(index=s.index, floatfmt=s.floatfmt, tablefmt="simple")
+    lines = text.split("\n")
+    rule = next(line for line in lines if line.strip() and not line.strip(" -"))  # the dashes under the header
+    spans = [m.span() for m in re.finditer(r"-+", rule)]
+    blocks, block = [], [0]
+    for i in range(1, len(spans)):
+        if len(block) > 1 and sum(spans[j][1] - spans[j][0] + 2 for j in (*block, i)) - 2 > width:
+            blocks.append(block)
+            block = [0]
+        block.append(i)
+    blocks.append(block)
+    shown = ["\n".join("  ".join(line[a:b].ljust(b - a) for a, b in (spans[i] for i in cols)).rstrip()
+                       for line in lines) for cols in blocks]
+    return "```text\n" + "\n\n".join(shown) + "\n```"
 
 
 _PAGE = Environment(autoescape=True).from_string("""<!DOCTYPE html>
@@ -62,12 +92,26 @@ _PAGE = Environment(autoescape=True).from_string("""<!DOCTYPE html>
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; padding: 0 1em; color: #222; }
 .table { overflow-x: auto; }
 table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }
-th, td { border-bottom: 1px solid #ddd; padding: 0.25em 0.6em; text-align: right; white-space: nowrap; }
+th, td { border-bottom: 1px solid #ddd; padding: 0.25em 0.5em; text-align: right; white-space: nowrap; }
 th { border-bottom: 2px solid #444; }
-td:first-child, th:first-child { text-align: left; }
+td:first-child, th:first-child, td.text { text-align: left; }
+td.text { white-space: normal; min-width: 6em; max-width: 22em; }
 pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; }
 code { background: #f2f2f2; padding: 0 0.2em; }
 .figure { margin: 1em 0 2em; }
+@media print {
+  @page { size: A4; margin: 12mm; }
+  body { max-width: none; margin: 0; padding: 0; font-size: 9pt; }
+  h1 { font-size: 14pt; } h2 { font-size: 11pt; break-after: avoid; }
+  .table { overflow: visible; }
+  table { font-size: 7.5pt; max-width: 100%; }
+  th, td { padding: 0.15em 0.35em; white-space: normal; }
+  th, td.text { overflow-wrap: anywhere; }  /* a wide table narrows to its numbers, and every column prints */
+  th { min-width: 5ch; }
+  tr, .figure { break-inside: avoid; }
+  pre { white-space: pre-wrap; overflow: visible; font-size: 7.5pt; }
+  .figure { zoom: 0.5; margin: 0.5em 0; }
+}
 </style>
 <script type="text/javascript">{{ plotlyjs }}</script>
 </head>
@@ -109,10 +153,27 @@ def _inline(text: str) -> Markup:
     return Markup(re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text)))
 
 
-def _html_table(s: Section) -> str:
-    def fmt(x: float) -> str:
-        return format(x, s.floatfmt)
+_NUMBER = re.compile(r"^[\[(<+\-−]?\d")  # 0.5, -0.1, [0.29, 0.31], <0.001, 6/0/0, 13.3 M: set right-aligned
 
-    # The index as a plain first column: pandas would put its name on a second header row.
+
+def _html_table(s: Section) -> str:
+    """One header row (the index, when shown, as a plain first column: pandas would give its name a second row),
+    floats per the section's floatfmt; a column of mostly non-numbers is text (class "text": left-aligned, and it
+    wraps, so a long name does not widen the table). Headers and text may also break after an underscore."""
+    def fmt(x) -> str:
+        if x is None or x is pd.NA or (isinstance(x, float) and x != x):
+            return ""
+        return format(x, s.floatfmt) if isinstance(x, float) else str(x)
+
     table = (s.table.reset_index() if s.index else s.table).rename_axis(columns=None)
-    return table.to_html(index=False, na_rep="", float_format=fmt, border=0, escape=True)
+    columns = {str(c): [fmt(v) for v in table[c].tolist()] for c in table.columns}
+    text = {c for c, values in columns.items()
+            if sum(bool(_NUMBER.match(v)) for v in values if v) * 2 < sum(1 for v in values if v)}
+    def breakable(value: str) -> str:
+        return html.escape(value).replace("_", "_<wbr>")
+
+    head = "".join(f"<th>{breakable(c)}</th>" for c in columns)
+    rows = ["<tr>" + "".join(f'<td class="text">{breakable(values[i])}</td>' if c in text else
+                             f"<td>{html.escape(values[i])}</td>" for c, values in columns.items()) + "</tr>"
+            for i in range(len(table))]
+    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody>\n</table>"

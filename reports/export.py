@@ -6,9 +6,10 @@ from pathlib import Path
 import optuna
 import optuna_dashboard
 
+from reports import latex as tex
 from reports.ablation import ablation_report, is_ablation
 from reports.compare import comparison_report
-from reports.document import Report, to_html, to_markdown
+from reports.document import Report, to_html, to_markdown, to_note
 from reports.tables import search_report
 
 FORMATS = ("md", "csv", "tex", "html")
@@ -30,16 +31,17 @@ def study_report(study: optuna.Study, k: int = 10, plots: bool = False) -> Repor
 def write_report(study: optuna.Study, out: Path, k: int = 10, formats: tuple[str, ...] = DEFAULT_FORMATS
                  ) -> tuple[str, list[Path]]:
     """Write <out>/<study>.<fmt> for each format, put the report into the study's optuna-dashboard page
-    (the Markdown as its note's report section, the figures the dashboard does not draw itself), return the
-    Markdown and paths."""
+    (its note's report section, the figures the dashboard does not draw itself), return the Markdown and paths."""
     report = study_report(study, k, plots="html" in formats)
     text, paths = write_files(report, out / study.study_name, formats)
-    save_to_dashboard(study, report, text)
+    save_to_dashboard(study, report)
     return text, paths
 
 
-def save_to_dashboard(study: optuna.Study, report: Report, markdown: str) -> None:
-    optuna_dashboard.save_note(study, with_report(optuna_dashboard.get_note(study), markdown))
+def save_to_dashboard(study: optuna.Study, report: Report) -> None:
+    """The report as the note's report section (to_note: its tables as aligned monospace blocks, which the
+    dashboard shows readably), and the figures the dashboard does not draw itself."""
+    optuna_dashboard.save_note(study, with_report(optuna_dashboard.get_note(study), to_note(report)))
     for fig_id, fig in report.figures:
         if fig_id not in DASHBOARD_NATIVE:
             optuna_dashboard.save_plotly_graph_object(study, fig, graph_object_id=fig_id)  # same id: replaced
@@ -96,17 +98,22 @@ def write_files(report: Report, stem: Path, formats: tuple[str, ...]) -> tuple[s
 
 
 def latex(report: Report) -> str:
-    """The report's main table for a paper: booktabs rules (pandas' default), special characters escaped,
-    the table's symbols as math so that pdflatex needs no extra package."""
-    table = report.tex.to_latex(index=False, escape=True, float_format="%.4f", na_rep="",
-                                caption=_latex_escape(report.title.replace("`", "")))
-    return table.replace("±", "$\\pm$").replace("Δ", "$\\Delta$")
-
-
-def _latex_escape(text: str) -> str:
-    specials = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
-    return "".join(specials.get(c, c) for c in text)
+    """The report's main table for a paper, and any section table marked `attrs["latex"] = SUFFIX` (an
+    ablation's cells by seed), each a booktabs `table` float that fits a portrait article page, labelled
+    tab:STUDY (tab:STUDY-SUFFIX); the packages it needs are named in its first lines."""
+    title, label = report.title.replace("`", ""), tex.label(report.title)
+    main = next((s for s in report.sections if s.table is report.tex), None)
+    floats = [tex.table_float(report.tex, title, label, main.note if main else "")]
+    for s in report.sections:
+        if s.table is not None and s.table.attrs.get("latex") and s.table is not report.tex:
+            table = (s.table.reset_index() if s.index else s.table).rename_axis(columns=None)
+            floats.append(tex.table_float(table, f"{title}: {s.title}", f"{label}-{s.table.attrs['latex']}",
+                                          " ".join(filter(None, [s.text, s.note]))))
+    packages = [tex.PACKAGE] + (["graphicx"] if any(f.resized for f in floats) else [])
+    uses = " ".join(f"\\usepackage{{{p}}}" for p in packages)
+    head = (f"% {title}: {len(floats)} table(s) written by run-study report, for \\input in a document.\n"
+            f"% requires {uses}\n")
+    return head + "\n".join(f.latex for f in floats)
 
 
 def write_comparison(studies: list[optuna.Study], out: Path, formats: tuple[str, ...] = DEFAULT_FORMATS

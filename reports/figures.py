@@ -85,16 +85,25 @@ def ablation_figures(cells: pd.DataFrame, table: pd.DataFrame) -> Figures:
 
 
 def learning_curves(study: optuna.Study) -> Figures:
-    """Validation accuracy at each evaluation, one line per trial. An ablation's lines are named by variant and
-    seed and coloured by variant, as figure "ablation-learning-curves": optuna-dashboard's own learning-curve
-    plot names trials by number only, so this one is stored in the dashboard too."""
+    """Validation accuracy at each evaluation, one line per trial, named in the legend: "trial 7 (complete)".
+    An ablation's lines are named by variant and seed and coloured by variant, as figure
+    "ablation-learning-curves": optuna-dashboard's own learning-curve plot names trials by number only, so this
+    one is stored in the dashboard too."""
     trials = [t for t in study.get_trials(deepcopy=False) if t.intermediate_values]
     if not trials:
         return []
     cells = {t.number: cell_of(t) for t in trials}
     ablation = all(cells.values())
     if not ablation:
-        fig = vis.plot_intermediate_values(study)
+        fig = go.Figure()
+        for t in trials:
+            if t.state == optuna.trial.TrialState.FAIL:  # as Optuna's own plot: a failed trial's curve is noise
+                continue
+            steps, values = zip(*sorted(t.intermediate_values.items()), strict=True)
+            name = f"trial {t.number} ({t.state.name.lower()})"
+            fig.add_trace(go.Scatter(x=steps, y=values, mode="lines+markers", name=name, marker={"maxdisplayed": 10},
+                                     hovertemplate=f"{name}<br>step %{{x}}: %{{y:.4f}}<extra></extra>"))
+        fig.update_layout(showlegend=True)
     else:
         variants = list(dict.fromkeys(cell[0] for cell in cells.values()))
         palette = plotly.colors.qualitative.Plotly

@@ -254,7 +254,8 @@ def ablation_table(cells: pd.DataFrame, baseline: str) -> pd.DataFrame:
     cells has columns variant, seed, state, value. Only "complete" cells enter the statistics; n_pruned counts
     "pruned" and n_failed counts every other non-complete state, so nothing disappears from the table.
     Comparison columns are paired by seed against the baseline's complete cells (n_pairs says how many
-    pairs), Holm-corrected across the non-baseline variants, and NaN on the baseline row.
+    pairs), Holm-corrected across the non-baseline variants, and NaN on the baseline row, except too_few_seeds,
+    a bool column that is False there.
     """
     missing = {"variant", "seed", "state", "value"} - set(cells.columns)
     if missing:
@@ -278,9 +279,10 @@ def ablation_table(cells: pd.DataFrame, baseline: str) -> pd.DataFrame:
         rows.append(row)
 
     table = pd.DataFrame(rows).reindex(columns=TABLE_COLUMNS)
-    # Nullable dtypes so the baseline's missing comparisons stay NA without turning ints/bools into floats/objects.
+    # Nullable ints so the baseline's missing pair counts stay NA without turning into floats. The flag is a plain
+    # bool, False on the baseline row (no comparison, nothing to flag): the CSV column reads True/False only.
     table[["n_pairs", "n_nonzero"]] = table[["n_pairs", "n_nonzero"]].astype("Int64")
-    table["too_few_seeds"] = table["too_few_seeds"].astype("boolean")
+    table["too_few_seeds"] = table["too_few_seeds"].fillna(False).astype(bool)
     others = table["variant"] != baseline
     for col in ("p_t", "p_wilcoxon"):
         table[f"{col}_holm"] = math.nan

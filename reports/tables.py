@@ -11,6 +11,7 @@ import pandas as pd
 
 from reports.document import Report, Section
 from reports.figures import IMPORTANCE_NOTE, choice_figures, search_figures
+from search.attrs import run_config_of
 from search.origin import COMMAND_ATTR, search_command, study_handle
 
 ATTR_COLUMNS = ("n_params", "flops_per_segment", "steps_run", "steps_per_s", "best_step", "seed",
@@ -87,7 +88,7 @@ def best_config(study: optuna.Study) -> dict | None:
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         return None
-    return max(complete, key=lambda t: t.value).user_attrs.get("run_config")
+    return run_config_of(max(complete, key=lambda t: t.value))
 
 
 def search_report(study: optuna.Study, k: int = 10, plots: bool = False) -> Report:
@@ -138,7 +139,7 @@ def budget_starved(study: optuna.Study) -> str:
     if len(curve) < 2 or curve[-1][1] <= curve[-2][1] or curve[-1][1] < max(v for _, v in curve) or curve[-1][1] >= 1:
         return ""
     (prev_step, prev), (last_step, last) = curve[-2], curve[-1]
-    train = best.user_attrs.get("run_config", {}).get("train", {})
+    train = (run_config_of(best) or {}).get("train", {})
     final_fit = f"run-study train {study_handle(study)} --trial {best.number} --set train.max_steps={4 * last_step}"
     timeout = (study.user_attrs.get(COMMAND_ATTR) or {}).get("timeout")
     if "stopped_at_deadline" in best.user_attrs:
@@ -187,6 +188,7 @@ class ImportanceBasis:
     n_complete: int
     varied: list[str]
     unvaried: list[str]  # searched, but one value in every complete trial: nothing to attribute to them
+    fixed: tuple[str, ...] = ()  # parameters with a one-value distribution (a choice list of one): not searched
 
     @property
     def too_few(self) -> bool:
@@ -204,6 +206,11 @@ class ImportanceBasis:
                          f"not a finding; trust them from about {MIN_IMPORTANCE_TRIALS} complete trials.")
         if self.unvaried:
             parts.append("Not ranked, one value in every complete trial: " + ", ".join(self.unvaried) + ".")
+        if self.unvaried or self.fixed:
+            parts.append("optuna-dashboard's own importance card ranks every parameter of the trials with its own "
+                         "evaluator (PED-ANOVA), so it also ranks "
+                         + ", ".join(sorted({*self.unvaried, *self.fixed}))
+                         + ", which took one value in every complete trial: a rank there means nothing.")
         return " ".join(parts)
 
 
@@ -211,8 +218,9 @@ def importance_basis(study: optuna.Study) -> ImportanceBasis:
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     searched = sorted({n for t in complete for n, d in t.distributions.items() if not d.single()})
     values = {n: {repr(t.params[n]) for t in complete if n in t.params} for n in searched}
+    fixed = sorted({n for t in complete for n, d in t.distributions.items() if d.single()} - set(searched))
     return ImportanceBasis(len(complete), [n for n in searched if len(values[n]) > 1],
-                           [n for n in searched if len(values[n]) <= 1])
+                           [n for n in searched if len(values[n]) <= 1], tuple(fixed))
 
 
 def param_importances(study: optuna.Study, basis: ImportanceBasis | None = None) -> dict[str, float]:

@@ -59,6 +59,14 @@ class RunConfig:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return asdict(self)
 
+    def to_shown_dict(self) -> dict[str, dict[str, Any]]:
+        """to_dict without the model keys that configure nothing here (a trial's run config as users read it);
+        RunConfig.from_dict gives back the same config."""
+        shown = self.to_dict()
+        unused = self.model.unused_keys()
+        shown["model"] = {k: v for k, v in shown["model"].items() if k not in unused}
+        return shown
+
     @classmethod
     def from_dict(cls, values: dict[str, dict[str, Any]]) -> RunConfig:
         known_keys(cls, values, "run")

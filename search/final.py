@@ -11,6 +11,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from data.packed import PackedStore
 from models import ConfigError
+from search.attrs import run_config_of
 from search.checkpoints import model_checkpoint
 from search.config import RunConfig
 from search.runner import poll_interrupt
@@ -31,7 +32,7 @@ def pick_trial(study: optuna.Study, which: str) -> FrozenTrial:
         raise SpecError(f"--trial {which!r}: give 'best' or a trial number of study {study.study_name!r} "
                         f"(0 to {len(trials) - 1})")
     trial = trials[int(which)]
-    if "run_config" not in trial.user_attrs:
+    if run_config_of(trial) is None:
         raise SpecError(f"trial {trial.number} of study {study.study_name!r} ({trial.state.name}) never started "
                         "training: it has no run config")
     return trial
@@ -39,7 +40,7 @@ def pick_trial(study: optuna.Study, which: str) -> FrozenTrial:
 
 def final_config(trial: FrozenTrial, overrides: list[str]) -> RunConfig:
     """The trial's run config with --set model.X=..., train.X=..., data.X=... applied (validated)."""
-    raw = {k: dict(v) for k, v in trial.user_attrs["run_config"].items()}
+    raw = {k: dict(v) for k, v in run_config_of(trial).items()}
     for item in overrides:
         section = item.partition(".")[0].strip()
         if section not in raw:

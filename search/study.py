@@ -12,6 +12,7 @@ from optuna.trial import TrialState
 
 from data.packed import PackedStore
 from search import progress
+from search.attrs import RUN_CONFIG, VERSIONS, set_dict_attr
 from search.checkpoints import TrialCheckpoints, model_checkpoint
 from search.config import RunConfig
 from search.faults import StorageAway, outside_cause
@@ -43,10 +44,10 @@ def train_trial(trial: optuna.Trial, cfg: RunConfig, store: PackedStore, artifac
     artifact store, keep its latest state while it runs (a retry continues from it) and its best model.
     At the study's deadline (time.time()) it stops at its next evaluation and completes with what it reached
     (user attr stopped_at_deadline = that step), unless the pruner prunes it there."""
-    trial.set_user_attr("run_config", cfg.to_dict())
+    set_dict_attr(trial, RUN_CONFIG, cfg.to_shown_dict())  # short lines, only keys in use: attrs.run_config_of
     trial.set_user_attr("seed", cfg.train.seed)
     trial.set_user_attr("data_fingerprint", store.fingerprint)
-    trial.set_user_attr("versions", versions())
+    set_dict_attr(trial, VERSIONS, versions())
     checkpoints = TrialCheckpoints(trial, artifact_store, log) if artifact_store is not None else None
     resume = checkpoints.resume_state(lambda s: resumable(s, cfg, store.fingerprint)) if checkpoints else None
     if resume is not None:  # the retried trial's curve, so the pruner and the dashboard see the whole run

@@ -5,6 +5,7 @@ from optuna.trial import TrialState, create_trial
 
 from reports import write_report
 from search.ablation import enqueue_missing_cells, load_ablation, open_ablation, run_ablation
+from search.attrs import run_config_of
 from search.cells import cell_of
 from search.spec import SpecError
 from tests.conftest import write_study
@@ -80,7 +81,7 @@ def test_ablation_runs_every_cell_once_and_a_resume_reruns_nothing(tmp_path, tin
     cells = {cell_of(t): t for t in study.trials}
     assert set(cells) == {(r, s) for r in rows for s in (0, 1)}
     assert all(t.state == TrialState.COMPLETE for t in cells.values())
-    assert cells[("wide", 1)].user_attrs["run_config"]["model"]["d_model"] == 24
+    assert run_config_of(cells[("wide", 1)])["model"]["d_model"] == 24
     assert cells[("wide", 1)].user_attrs["seed"] == 1
     # a seed is not a searched factor: only `variant` is a param, so optuna-dashboard's importance card
     # (its own code, below) cannot rank `seed`
@@ -97,15 +98,18 @@ def test_ablation_runs_every_cell_once_and_a_resume_reruns_nothing(tmp_path, tin
 
     text, paths = write_report(study, tmp_path / "out", formats=("md", "csv", "tex"))
     tex = paths[2].read_text()
-    assert "\\toprule" in tex and "\\caption{Ablation abl}" in tex
+    assert "\\toprule" in tex and "\\caption{Ablation abl}" in tex and "\\label{tab:abl}" in tex
     header = tex.split("\\midrule")[0].splitlines()[-1]
-    assert header.startswith("variant & complete/pruned/failed & mean $\\pm$ std & 95\\% CI & $\\Delta$ vs baseline")
-    assert "±" not in tex and "Δ" not in tex  # as math: pdflatex needs no Unicode package
+    assert header.startswith("variant & c/p/f & mean $\\pm$ std & 95\\% CI")
+    assert "$\\Delta$ [95\\% CI] & $p_t$ & $p_W$ & $d_z$" in tex and "\\label{tab:abl-seeds}" in tex
+    assert "±" not in tex and "Δ" not in tex and "‡" not in tex  # as math: pdflatex needs no Unicode package
     assert "| variant" in text and "complete/pruned/failed" in text
     assert "too few seeds" in text  # 2 paired seeds can never give p < 0.05
     csv = paths[1].read_text().splitlines()
     assert csv[0].startswith("variant,n_complete,n_pruned,n_failed,mean,std,ci_low,ci_high")
     assert [line.split(",")[0] for line in csv[1:]] == ["baseline", "wide", "stats"]
+    assert csv[0].endswith(",too_few_seeds") and [line.rsplit(",", 1)[1] for line in csv[1:]] == [
+        "False", "True", "True"]  # a plain boolean column: False on the baseline, which has nothing to flag
 
 
 def test_an_ablation_stored_with_seed_as_a_param_resumes_and_reports(tmp_path, tiny_store):

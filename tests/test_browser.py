@@ -9,6 +9,7 @@ installs both, see .ci/run): missing, the test fails; it is never skipped.
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -138,6 +139,41 @@ def dashboard(searched: Path) -> Iterator[str]:
 
 # ------------------------------------------------------------------------------------------------------- tests
 
+def _page_width(page: "Page") -> int:
+    """How wide the page's content is (a 1400 px window shows 1400 of it without a horizontal scroll bar)."""
+    page.wait_for_timeout(200)  # a layout pass after the last render
+    return page.evaluate("document.documentElement.scrollWidth")
+
+
+# In the <pre> block whose text holds `word` (a table's header), the on-screen gaps (px) between neighbouring
+# values of the header line and of the first data line (values: runs of text two or more spaces apart).
+_TABLE_GAPS = """word => {
+  const pre = [...document.querySelectorAll('pre')].find(p => p.textContent.includes(word));
+  if (!pre) return null;
+  const walker = document.createTreeWalker(pre, NodeFilter.SHOW_TEXT);
+  const nodes = [];  // [text node, its offset in the whole text]
+  let text = '';
+  for (let n = walker.nextNode(); n; n = walker.nextNode()) { nodes.push([n, text.length]); text += n.data; }
+  const at = offset => {
+    const [node, start] = nodes.filter(([, s]) => s <= offset).pop();
+    return [node, offset - start];
+  };
+  const gaps = from => {
+    const end = text.indexOf('\\n', from);
+    const boxes = [...text.slice(from, end < 0 ? text.length : end).matchAll(/\\S+(?: \\S+)*/g)].map(m => {
+      const range = document.createRange();
+      range.setStart(...at(from + m.index));
+      range.setEnd(...at(from + m.index + m[0].length));
+      return range.getBoundingClientRect();
+    });
+    return boxes.slice(1).map((box, i) => box.left - boxes[i].right);
+  };
+  const header = text.lastIndexOf('\\n', text.indexOf(word)) + 1;
+  const rule = text.indexOf('\\n', header) + 1;
+  return {header: gaps(header), row: gaps(text.indexOf('\\n', rule) + 1)};
+}"""
+
+
 def test_dashboard_shows_note_figures_and_checkpoint(browser, searched: Path, dashboard: str) -> None:
     study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{searched / f'{STUDY}.db'}")
     heading = next(line for line in optuna_dashboard.get_note(study).splitlines() if line.startswith("#"))
@@ -170,6 +206,12 @@ def test_dashboard_shows_note_figures_and_checkpoint(browser, searched: Path, da
             page.wait_for_url("**/note")
             page.get_by_role("heading", name=heading, exact=True).wait_for()
             _screenshot(page, "dashboard-note")
+            # The dashboard draws Markdown tables without cell padding; the note's tables are monospace blocks
+            # instead: each value of the top table's header and first row lies apart from the next, on screen.
+            gaps = page.evaluate(_TABLE_GAPS, "valid_acc")
+            assert gaps and gaps["header"] and len(gaps["row"]) == len(gaps["header"]), gaps
+            assert min(gaps["header"] + gaps["row"]) >= 8, gaps  # px: at least one monospace space between values
+            assert _page_width(page) <= 1400, "the note is wider than the window"
 
             # Trial 0's page lists its checkpoint under "Artifacts", with a download link that serves the file.
             page.goto(f"{dashboard}/dashboard/studies/{study._study_id}/trials?numbers=0")
@@ -180,7 +222,10 @@ def test_dashboard_shows_note_figures_and_checkpoint(browser, searched: Path, da
             assert href and href.startswith("/artifacts/"), href
             with checkpoint_store.open_reader(href.rsplit("/", 1)[1]) as stored:
                 assert page.request.get(dashboard + href).body() == stored.read()
-            _screenshot(page, "dashboard-trial-0", full_page=False)  # full page: as wide as the run_config line
+            # Each user attr is one unwrapped line: the run config, in parts, keeps the page within the window.
+            page.get_by_text(re.compile(r"^run_config 01/\d+ ")).wait_for()
+            assert _page_width(page) <= 1400, "the trial page is wider than the window"
+            _screenshot(page, "dashboard-trial-0")
         assert errors == [], errors
     finally:
         page.close()
@@ -217,3 +262,43 @@ def test_offline_report_draws_every_figure_without_network(browser, searched: Pa
         assert blocked == [], f"the offline report asked the network for {blocked}"
     finally:
         context.close()
+
+
+# The ablation table, its columns as measured in headless chromium: width on a 1280 px screen, text when printed.
+_ABLATION_TABLE = """() => {
+  const table = document.querySelector('table');
+  const box = table.parentElement;
+  return {page: document.documentElement.scrollWidth, right: table.getBoundingClientRect().right,
+          box: box.clientWidth, boxScroll: box.scrollWidth,
+          headers: [...table.querySelectorAll('th')].map(th => th.textContent),
+          last: [...table.querySelectorAll('tbody tr')].map(tr => tr.lastElementChild.textContent)};
+}"""
+
+
+def test_ablation_report_fits_a_1280px_screen_and_prints_every_column_on_a4(browser, tmp_path: Path) -> None:
+    """The 4-variant x 6-seed ablation's HTML (written by write_report, from faked finished cells): its table fits
+    a 1280 px window without scrolling, and chromium's print to A4 PDF keeps every column (pdftotext reads it)."""
+    from reports import write_report
+    from tests.test_latex import ablation_study
+
+    pdftotext = shutil.which("pdftotext")
+    if pdftotext is None:
+        pytest.fail("no pdftotext: apt-get install poppler-utils (.ci/run does)", pytrace=False)
+    _, (html,) = write_report(ablation_study(None), tmp_path, formats=("html",))
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    try:
+        with _screenshot_on_failure(page, "ablation-report"):
+            page.goto(html.as_uri())
+            table = page.evaluate(_ABLATION_TABLE)
+            assert table["headers"] == ["variant", "c/p/f", "mean ± std", "95% CI", "Δ [95% CI]", "p_t", "p_W", "d_z"]
+            assert table["page"] <= 1280 and table["right"] <= 1280, table
+            assert table["boxScroll"] <= table["box"], table  # its own box does not scroll either
+            _screenshot(page, "ablation-report", full_page=False)
+            page.pdf(path=str(tmp_path / "report.pdf"), format="A4")
+        printed = subprocess.run([pdftotext, str(tmp_path / "report.pdf"), "-"], capture_output=True, text=True,
+                                 check=True).stdout
+        words = " ".join(printed.split())
+        missing = [text for text in table["headers"] + [v for v in table["last"] if v] if text not in words]
+        assert missing == [], f"printed to A4 without {missing}"
+    finally:
+        page.close()

@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 from data.batches import fixed_valid_batches, split
 from models import build_model
 from search.artifact_store import study_artifact_store
+from search.attrs import run_config_of
 from search.checkpoints import artifacts, best_name, latest_name, load
 from search.config import RunConfig
 from search.storage import load_existing_study, normalize_url
@@ -36,7 +37,7 @@ def test_each_trial_keeps_its_best_model_and_no_latest_state(tmp_path, tiny_synt
         metas = optuna.artifacts.get_all_artifact_meta(trial, storage=study._storage)  # Optuna 5.0 reads them
         assert [(m.filename, m.artifact_id) for m in metas] == list(files.items())
         checkpoint = load(store, files[best_name(trial.number)])
-        assert checkpoint["config"] == trial.user_attrs["run_config"]
+        assert RunConfig.from_dict(checkpoint["config"]) == RunConfig.from_dict(run_config_of(trial))
         assert checkpoint["valid_acc"] == trial.user_attrs["best_valid_acc"]
         assert checkpoint["id2speaker"] == list(tiny_store.id2speaker)
         cfg = RunConfig.from_dict(checkpoint["config"])

@@ -13,7 +13,8 @@ from pathlib import Path
 import optuna
 
 import run_study
-from reports import write_report
+from reports import study_report, write_report
+from reports.document import to_note
 from reports.export import NOTE_BEGIN, NOTE_END, report_section, with_report
 from tests.conftest import write_study
 
@@ -85,8 +86,9 @@ def test_dashboard_serves_the_study(tmp_path):
         assert [s["study_name"] for s in json.loads(body)["study_summaries"]] == ["dash"]
         assert _get(f"{base}/static/bundle.js")[0] == 200
         detail = json.loads(_get(f"{base}/api/studies/{study._study_id}")[1])
-        assert report_section(detail["note"]["body"]) == text  # an empty note: the report section alone
-        assert detail["note"]["body"] == f"{NOTE_BEGIN}\n\n{text}\n{NOTE_END}\n"
+        note = to_note(study_report(study))  # the Markdown with its tables as monospace blocks
+        assert report_section(detail["note"]["body"]) == note  # an empty note: the report section alone
+        assert detail["note"]["body"] == f"{NOTE_BEGIN}\n\n{note}\n{NOTE_END}\n"
         assert text.startswith("# Study `dash`") and "## By pooling" in text
         figures = {f["id"]: json.loads(f["graph_object"]) for f in detail["plotly_graph_objects"]}
         assert list(figures) == ["by-pooling"]
@@ -115,8 +117,9 @@ def test_report_replaces_only_its_section_of_a_note_the_user_edited(tmp_path, mo
     assert "Trials: 4 complete" in text
     assert body.startswith(above) and body.endswith(below)
     assert body.count(NOTE_BEGIN) == body.count(NOTE_END) == 1 and body.count("# Study `notes`") == 1
-    assert report_section(body) == text
-    assert body == f"{above}\n{NOTE_BEGIN}\n\n{text}\n{NOTE_END}\n\n{below}"
+    note = to_note(study_report(study))
+    assert report_section(body) == note
+    assert body == f"{above}\n{NOTE_BEGIN}\n\n{note}\n{NOTE_END}\n\n{below}"
 
 
 def test_note_without_markers_gets_the_report_appended():

@@ -13,7 +13,9 @@ import run_study
 from data import open_store
 from search import predict
 from search.artifact_store import study_artifact_store
+from search.attrs import run_config_of
 from search.checkpoints import best_checkpoint_id, load
+from search.config import RunConfig
 from tests.conftest import write_study
 from tests.test_cli import FAST, cli
 
@@ -85,8 +87,8 @@ def test_train_refits_the_best_trial_with_overrides_into_one_checkpoint(searched
     checkpoint = torch.load(out, weights_only=True)
     assert checkpoint["source"]["trial"] == best.number
     assert checkpoint["config"]["train"]["max_steps"] == 80 and checkpoint["config"]["data"]["valid_fraction"] == 0.1
-    expected = {**best.user_attrs["run_config"]["model"]}
-    assert checkpoint["config"]["model"] == expected  # the trial's model, unchanged
+    expected = RunConfig.from_dict(run_config_of(best)).model
+    assert RunConfig.from_dict(checkpoint["config"]).model == expected  # the trial's model, unchanged
     assert checkpoint["steps_run"] == 80
     said = capsys.readouterr().out
     assert f"saved {out}" in said and "next: run-study predict" in said

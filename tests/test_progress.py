@@ -43,7 +43,7 @@ def test_quiet_shows_no_progress_and_verbose_the_whole_report(tmp_path, tiny_syn
     assert "step" not in err and "started" not in err
     assert "best: trial" in out
     # a renamed study is not the study file's: the next commands name it and its storage
-    assert "next: run-study train other --storage sqlite:///other.db --data " in out
+    assert "next: run-study train other --storage sqlite:///other.db --trial best" in out
     assert _search(tmp_path, tiny_synthetic, "-v", "--n-trials", "3") == 0
     out, _ = capsys.readouterr()
     assert "## Top" in out

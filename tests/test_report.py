@@ -12,7 +12,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
 from reports import FORMATS, study_report, summary_counts, top_trials, trials_frame, write_report
-from reports.document import to_markdown
+from reports.document import to_markdown, to_note
 from reports.export import report_section
 from reports.tables import budget_starved
 
@@ -43,7 +43,7 @@ def test_frame_counts_and_top_trials():
 def test_written_markdown_and_csv_and_dashboard_note(tmp_path):
     study = _study()
     text, paths = write_report(study, tmp_path, k=5)
-    assert report_section(optuna_dashboard.get_note(study)) == text
+    assert report_section(optuna_dashboard.get_note(study)) == to_note(study_report(study, k=5))
     assert "Trials: 3 complete, 1 pruned, 1 fail" in text
     header = next(line for line in text.splitlines() if line.startswith("|"))
     assert [c.strip() for c in header.strip("|").split("|")] == ["trial", "valid_acc", "pooling"]
@@ -242,8 +242,8 @@ def test_several_studies_side_by_side(tmp_path):
     assert overview["study"].tolist() == ["r", "s", "abl"]
     assert overview["kind"].tolist() == ["search", "search", "ablation"]
     assert overview[["complete", "pruned", "failed"]].values.tolist() == [[3, 1, 1], [2, 0, 0], [7, 1, 1]]
-    assert overview["best valid_acc"].tolist() == [0.8, 0.9, 0.65] and overview["best trial"].tolist() == [1, 1, 5]
-    assert overview["mean valid_acc"].iloc[1] == pytest.approx(0.8) and pd.isna(overview["mean valid_acc"].iloc[2])
+    assert overview["best_valid_acc"].tolist() == [0.8, 0.9, 0.65] and overview["best_trial"].tolist() == [1, 1, 5]
+    assert overview["mean_valid_acc"].iloc[1] == pytest.approx(0.8) and pd.isna(overview["mean_valid_acc"].iloc[2])
     best = _md_rows(text.split("## Best trial's parameters")[1].split("##")[0])
     assert best == [["study", "d_model", "pooling"], ["r", "", "stats"], ["s", "64", "mean"]]
     assert ["wide", "0.6200 ± 0.0265 (Δ +0.1000, p 0.0033)"] in _md_rows(text.split("## Ablation variants")[1])
@@ -267,7 +267,7 @@ def test_report_reads_and_writes_a_shared_server_storage(url, tmp_path):
         study.add_trials(source.trials)
         text, _ = write_report(study, tmp_path, formats=("md",))
         again = optuna.load_study(study_name=name, storage=url)  # a fresh connection, as another machine
-        assert report_section(optuna_dashboard.get_note(again)) == text
+        assert report_section(optuna_dashboard.get_note(again)) == to_note(study_report(again))
         saved = get_plotly_graph_objects(again._storage.get_study_system_attrs(again._study_id))
         local = dict(study_report(source).figures)
         assert json.loads(saved["ablation-bars"]) == json.loads(local["ablation-bars"].to_json())
@@ -287,7 +287,7 @@ def test_studies_without_finished_trials_still_report(tmp_path):
     assert "No finished cells yet." in write_report(ablation, tmp_path, formats=FORMATS)[0]
     _, paths = write_comparison([empty, ablation], tmp_path, ("csv", "html"))
     overview = pd.read_csv(paths[0])
-    assert overview[["complete", "pruned", "failed"]].sum().sum() == 0 and overview["best valid_acc"].isna().all()
+    assert overview[["complete", "pruned", "failed"]].sum().sum() == 0 and overview["best_valid_acc"].isna().all()
 
 
 def test_ablation_with_duplicate_complete_cells_reports_the_first_and_says_so(tmp_path):
@@ -438,3 +438,23 @@ def test_ablation_learning_curves_name_variant_and_seed():
     assert fig.layout.yaxis.title.text == METRIC and fig.layout.xaxis.title.text == "step"
     search = dict(learning_curves(_searched_study()))["learning-curves"]
     assert search.layout.yaxis.title.text == METRIC
+    assert search.layout.showlegend  # which trial each curve is
+    assert [t.name for t in search.data][:2] == ["trial 0 (complete)", "trial 1 (complete)"]
+
+
+def test_the_dashboard_note_shows_tables_as_aligned_blocks_within_its_width():
+    """optuna-dashboard draws Markdown tables without cell padding ("0.2667 0.0008823") and code lines unwrapped:
+    the note's tables are monospace blocks of columns two spaces apart, a wide one cut into several blocks."""
+    from reports.document import NOTE_WIDTH, Report, Section
+
+    note = to_note(study_report(_searched_study(8)))
+    assert "|--" not in note and note.count("```text") == 3  # top trials, by pooling, importances
+    top = note.split("```text\n")[1].split("```")[0].splitlines()
+    assert re.split(r"\s{2,}", top[0].strip()) == ["trial", "valid_acc", "lr", "d_model", "pooling", "n_params", "seed"]
+    assert re.split(r"\s{2,}", top[2].strip()) == ["7", "1", "0.008581", "48", "stats", "1.23 M", "7"]
+    assert "it also ranks dropout, which took one value in every complete trial" in note  # the dashboard's card
+    wide = pd.DataFrame({f"column_{i}": [1.5 * i] for i in range(15)})
+    blocks = to_note(Report("w", [Section(table=wide)])).split("```text\n")[1].split("```")[0].split("\n\n")
+    assert len(blocks) == 2 and all(len(line) <= NOTE_WIDTH for b in blocks for line in b.splitlines())
+    assert all(b.lstrip().startswith("column_0") for b in blocks)  # each block keeps the first column
+    assert {c for b in blocks for c in b.splitlines()[0].split()} == set(wide.columns)

@@ -240,3 +240,23 @@ def test_presets_cpu_lines_are_valid_commands_with_a_time_or_step_budget_for_a_c
     assert cfg.train.max_minutes > 0 or cfg.train.max_steps <= 5000
     if args.command == "search" and name != "sample":
         assert args.timeout == 1200 and args.workers == "auto"
+
+
+@pytest.mark.parametrize("model", [
+    {"encoder": "transformer"},
+    {"encoder": "conformer", "conv_kernel": 15, "pooling": "attentive_stats", "pool_hidden": 64},
+    {"encoder": "none", "prenet": False, "pooling": "stats"},
+    {"loss": "am_softmax", "classifier": "cosine", "scale": 20.0, "margin": 0.3, "head": "mlp-32"},
+])
+def test_a_shown_run_config_lists_only_the_keys_that_shape_the_model_and_reads_back_the_same(model):
+    from search.config import RunConfig
+
+    cfg = RunConfig.from_dict({"model": model})
+    shown = cfg.to_shown_dict()["model"]
+    assert RunConfig.from_dict(cfg.to_shown_dict()) == cfg
+    conformer_keys = {"conv_kernel", "conv_expansion", "attn_dropout", "conv_dropout"}
+    assert (conformer_keys <= set(shown)) == (model["encoder"] == "conformer" if "encoder" in model else False)
+    assert ("margin" in shown) == (model.get("loss") == "am_softmax")
+    assert ("pool_hidden" in shown) == (model.get("pooling") == "attentive_stats")
+    assert ("head_activation" in shown) == (model.get("head", "linear") != "linear")
+    assert set(model) <= set(shown)  # what was set is always shown

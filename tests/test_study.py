@@ -1,8 +1,14 @@
 """Real Optuna studies in SQLite on tiny data: pruning, stored provenance, resume, changed-space refusal."""
+import json
+
 import optuna
 import pytest
-from optuna.trial import TrialState
+from optuna.trial import TrialState, create_trial
 
+from reports.tables import best_config
+from search.attrs import LINE, RUN_CONFIG, VERSIONS, dict_attr, run_config_of, split_attr
+from search.config import RunConfig
+from search.final import final_config, pick_trial
 from search.spec import SpecError, load_spec
 from search.study import create_or_resume, run_study
 from tests.conftest import write_study
@@ -22,6 +28,34 @@ batch_size = 16
 lr = [3e-3, 1e-6]
 """
 
+
+
+def test_a_run_config_reads_back_from_its_parts_and_from_the_old_single_attr():
+    """Trials store the run config as short parts (`run_config 01/14`, ...); studies made before stored it as one
+    `run_config` attr. Every reader (final fit, ablation baseline, the report's best config) goes through
+    run_config_of, which reads both and says None for a trial still writing its parts."""
+    cfg = RunConfig().to_dict()
+    cfg["model"]["d_model"], cfg["train"]["max_steps"] = 48, 20
+    parts = split_attr(RUN_CONFIG, cfg)
+    assert len(parts) > 3 and RUN_CONFIG not in parts
+    assert all(len(f"{key} {json.dumps(value)}") <= LINE for key, value in parts.items())
+    assert split_attr(VERSIONS, {"code": "abc"}) == {VERSIONS: {"code": "abc"}}  # short: one attr, as before
+    study = optuna.create_study(direction="maximize")
+    for value, attrs in ((0.5, {RUN_CONFIG: cfg}), (0.9, parts), (0.7, {})):
+        study.add_trial(create_trial(value=value, user_attrs=attrs))
+    old, new, never = study.trials
+    assert run_config_of(old) == run_config_of(new) == cfg and run_config_of(never) is None
+    assert best_config(study) == cfg
+    assert pick_trial(study, "best") is not None and pick_trial(study, "0").number == 0
+    with pytest.raises(SpecError, match="no run config"):
+        pick_trial(study, "2")
+    for trial in (old, new):
+        fitted = final_config(trial, ["train.max_steps=80"])
+        assert fitted.model.d_model == 48 and fitted.train.max_steps == 80
+    assert run_config_of(new)["train"]["max_steps"] == 20  # a copy: the override changed nothing stored
+    missing = dict(parts)
+    missing.pop(sorted(parts)[1])
+    assert dict_attr(missing, RUN_CONFIG) is None  # a part not yet written: no half config with defaults
 
 def test_pruning_really_prunes_hopeless_trials(tmp_path, tiny_store):
     spec = load_spec(write_study(tmp_path / "prune.toml", TINY_SPACE),
@@ -43,14 +77,19 @@ def test_every_trial_stores_what_a_table_needs(tmp_path, tiny_store):
     run_study(study, spec, tiny_store, n_trials=1)
     trial = optuna.load_study(study_name="attrs", storage=f"sqlite:///{tmp_path / 'attrs.db'}").trials[0]
     attrs = trial.user_attrs
-    assert attrs["run_config"]["model"]["d_model"] == 16 and attrs["run_config"]["train"]["max_steps"] == 60
-    assert attrs["seed"] == attrs["run_config"]["train"]["seed"] == 0
+    config = run_config_of(trial)
+    assert config["model"]["d_model"] == 16 and config["train"]["max_steps"] == 60
+    assert attrs["seed"] == config["train"]["seed"] == 0
+    assert RunConfig.from_dict(config) == RunConfig.from_dict(spec.run_config(optuna.trial.FixedTrial(trial.params))
+                                                              .to_dict())
+    # optuna-dashboard shows each attr as one unwrapped line "key value": every one is short enough for the page
+    assert max(len(f"{key} {json.dumps(value)}") for key, value in attrs.items()) <= LINE
     assert attrs["n_params"] > 0 and attrs["flops_per_segment"] > 2 * attrs["n_params"]
     assert attrs["steps_run"] == 60 and attrs["steps_per_s"] > 0
     assert attrs["samples_per_s"] == pytest.approx(16 * attrs["steps_per_s"])
     assert attrs["best_valid_acc"] == trial.value
     assert attrs["data_fingerprint"] == tiny_store.fingerprint
-    assert set(attrs["versions"]) >= {"code", "python", "torch", "optuna", "numpy"}
+    assert set(dict_attr(attrs, VERSIONS)) >= {"code", "python", "torch", "optuna", "numpy"}
     assert sorted(trial.intermediate_values) == [20, 40, 60]
     assert study.metric_names == ["valid_acc"]  # how optuna-dashboard labels the objective
 

@@ -10,6 +10,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from search.attrs import run_config_of
 from search.cells import cell_of
 from search.storage import normalize_url
 from tests.conftest import TINY_STUDY
@@ -79,7 +80,7 @@ def test_independent_commands_with_workers_share_a_new_storage(tmp_path, tiny_sy
             "--workers", "2")
     procs = [start(*args, cwd=tmp_path) for _ in range(2)]
     def training(t) -> bool:  # mid-trial: its parameters are drawn (run_config is stored right after)
-        return t.state == TrialState.RUNNING and "worker" in t.user_attrs and "run_config" in t.user_attrs
+        return t.state == TrialState.RUNNING and "worker" in t.user_attrs and run_config_of(t) is not None
 
     running = wait_for(lambda ts: any(training(t) for t in ts), "par", storage_url)
     victim = next(t for t in running if training(t))
