@@ -352,6 +352,9 @@ def _run(args, spec, timeout, setup, run, top: int, target, open_study=None) -> 
         record_dataset(study, store, args.data or spec.data_path)
         record_command(study, spec.path, args.data, args.overrides, timeout)
         setup(study)
+    done, wanted, _ = _done_of(study, target)
+    if n_workers > 1 and wanted and done >= wanted:  # nothing to do: no worker processes to start and import torch
+        n_workers = 1
     if n_workers == 1:
         finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.state.name != "FAIL"]
         complete = [t.value for t in finished if t.value is not None and t.state.name == "COMPLETE"]
@@ -411,22 +414,22 @@ def _unfinished(study, target, deadline) -> str:
 
     if deadline is not None and time.time() >= deadline:
         return ""
-    wanted = target()
-    if not wanted:
+    done, wanted, what = _done_of(study, target)
+    if not wanted or done >= wanted:
         return ""
+    return (f"stopped before the work was done: {done} of {wanted} {what}; run the same command again to "
+            "continue (failed trials are retried)")
+
+
+def _done_of(study, target) -> tuple[int, int | None, str]:
+    """(finished trials or complete ablation cells, how many are asked (None: no count, a deadline), what)."""
+    wanted = target()
     trials = study.get_trials(deepcopy=False)
     if study.user_attrs.get("kind") == "ablation":
         from search.cells import cell_of
 
-        done = len({cell_of(t) for t in trials if t.state.name == "COMPLETE"})
-        what = "ablation cells are complete"
-    else:
-        done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
-        what = "trials are finished"
-    if done >= wanted:
-        return ""
-    return (f"stopped before the work was done: {done} of {wanted} {what}; run the same command again to "
-            "continue (failed trials are retried)")
+        return len({cell_of(t) for t in trials if t.state.name == "COMPLETE"}), wanted, "ablation cells are complete"
+    return sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials), wanted, "trials are finished"
 
 
 def _say_done(args, spec, study, stats, url: str, top: int) -> None:

@@ -71,6 +71,9 @@ def n_state(ts, *states) -> int:
     return sum(t.state in states for t in ts)
 
 
+# Each storage kind's gate is covered once by a kill -9 multi-process test, to keep the suite's time: SQLite
+# (file lock) in both, PostgreSQL here, MariaDB in the ablation one (and both servers in tests/test_faults.py).
+@pytest.mark.parametrize("storage_url", ["sqlite", "postgresql"], indirect=True)
 def test_independent_commands_with_workers_share_a_new_storage(tmp_path, tiny_synthetic, storage_url):
     """2 commands x 2 workers start together on a storage with no schema: no creation race is fatal. One
     worker is killed with kill -9 mid-trial: its trial is reaped and retried once with the same parameters.
@@ -132,6 +135,7 @@ def test_sigint_and_sigterm_stop_cleanly_and_the_rerun_retries(tmp_path, tiny_sy
     assert {t.params["lr"] for t in retried} == {t.params["lr"] for t in stopped}
 
 
+@pytest.mark.parametrize("storage_url", ["sqlite", "mysql"], indirect=True)
 def test_killed_ablation_worker_cell_is_retried_once_and_every_cell_completes(tmp_path, tiny_synthetic, storage_url):
     study = write_study(tmp_path / "abl.toml", fixed(400) + """
 [ablation]
@@ -155,6 +159,7 @@ stats = { pooling = "stats" }
     assert len(retry) == 1 and retry[0].params == victim.params and retry[0].state == TrialState.COMPLETE
     again = cli(*args, cwd=tmp_path)
     assert "0 trial(s) run now" in again.stdout and len(trials("abl", url)) == len(ts)
+    assert "workers on study" not in again.stdout  # nothing left: no worker processes started
 
 
 def test_ablation_interrupted_then_resumed_has_one_complete_trial_per_cell(tmp_path, tiny_synthetic):
