@@ -223,6 +223,11 @@ def _add_run_options(p: argparse.ArgumentParser, study_help: str, example: str) 
                         "study.workers, else 1); each "
                         "gets cores // N torch threads and its own cores. More machines: run the same command "
                         "there with the same --storage")
+    p.add_argument("--gpus", metavar="auto|none|0,1",
+                   help="GPUs to place the workers on: 'auto' (every GPU; the default), 'none' (CPU only) or "
+                        "indices; worker i gets one GPU (CUDA_VISIBLE_DEVICES). Default: study.gpus, else auto")
+    p.add_argument("--per-gpu", metavar="K", help="workers sharing each GPU (default: study.per_gpu, else 1); "
+                                                   "--workers auto = GPUs x K")
     for hidden in ("--worker-id", "--threads", "--parent"):  # set by the parent for its workers
         p.add_argument(hidden, type=int, help=argparse.SUPPRESS)
     p.add_argument("--cpus", help=argparse.SUPPRESS)
@@ -319,19 +324,25 @@ def _run(args, spec, timeout, setup, run, top: int, target, open_study=None) -> 
     from search.strategies import make_pruner, make_sampler
     from search.study import create_or_resume
     from search.studyfile import SpecError
-    from search.workers import Workers, apply_placement, guard_output, parse_workers
+    from search.workers import Workers, apply_placement, guard_output, parse_gpus, parse_per_gpu, parse_workers
 
     handle_signals()  # only where trials run: SIGINT/SIGTERM must mark them failed, not leave them RUNNING
     guard_output()  # a closed pipe (`| head`, a parent gone) ends what is shown, not the work
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.INFO if args.verbose else optuna.logging.WARNING)  # we say it
+    is_worker = args.worker_id is not None
+    gpus_asked = args.gpus or spec.gpus
+    per_gpu_asked = args.per_gpu or spec.per_gpu
     try:
-        n_workers = parse_workers(args.workers or spec.workers or "1")
+        gpus = None if is_worker else parse_gpus(gpus_asked)  # a worker sees only its own (its parent chose)
+        per_gpu = parse_per_gpu(per_gpu_asked)
+        # GPUs asked for by name mean "use them": one worker per GPU slot unless --workers says otherwise
+        workers = args.workers or spec.workers or ("auto" if gpus and (gpus_asked or per_gpu_asked) else "1")
+        n_workers = parse_workers(workers, len(gpus or ()) * per_gpu)
     except ValueError as err:
         raise SpecError(str(err)) from None
     make_sampler(spec), make_pruner(spec)  # bad arguments: one line now, before any data or storage work
-    is_worker = args.worker_id is not None
     if is_worker and args.parent is not None:
         watch_parent(args.parent)
     store = _open_data(spec, args.data, quiet=is_worker)
@@ -361,7 +372,7 @@ def _run(args, spec, timeout, setup, run, top: int, target, open_study=None) -> 
         progress.activate(progress.Progress(progress.choose_mode(args.quiet), target(), len(finished),
                                             max(complete, default=None), failure_log))
     if n_workers > 1:
-        workers = Workers(args.argv, n_workers, deadline)
+        workers = Workers(args.argv, n_workers, deadline, gpus)
         print(f"{n_workers} workers on study {spec.name!r} ({workers.describe()})")
         codes = workers.wait()
         stats = RunStats.of(study, workers.names)
@@ -369,7 +380,7 @@ def _run(args, spec, timeout, setup, run, top: int, target, open_study=None) -> 
             return EXIT_USAGE
         code = _workers_code(codes, stats)
     else:
-        apply_placement(None, None)
+        apply_placement(None, None, gpus[0] if gpus else None, cpu_only=gpus == ())
         try:
             stats = run(study, store, deadline, artifact_store)
         finally:

@@ -78,3 +78,13 @@ def outside_cause(err: BaseException) -> str | None:
     if is_connection_error(err):
         return "storage unreachable"
     return None
+
+
+def own_reason(err: BaseException) -> str:
+    """A trial's own failure in one line: out of GPU memory says so and what to lower (torch's message is a
+    paragraph); anything else its message, or its type."""
+    if type(err).__name__ == "OutOfMemoryError":
+        first = str(err).split(". ")[0].strip() or "CUDA out of memory"
+        return (f"out of GPU memory ({first}): a smaller model or train.batch_size, or fewer workers per GPU "
+                "(--per-gpu)")
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -45,6 +45,7 @@ from search.faults import (
     ParentDied,
     StorageLost,
     outside_cause,
+    own_reason,
 )
 from search.spec import SpecError
 from search.storage import ResilientRDBStorage, ServerLock, sqlite_path
@@ -375,7 +376,9 @@ def _run_one(study: optuna.Study, objective: Callable[[optuna.Trial], float], ga
             cause = outside_cause(err)
             state = TrialState.FAIL
             if cause is None:
-                reason = str(err) or type(err).__name__
+                reason = own_reason(err)
+                if type(err).__name__ == "OutOfMemoryError":
+                    _free_gpu_memory()  # the next trial of this worker starts with the GPU's memory back
                 attrs, outcome = {"fail_reason": reason}, OWN_FAIL
                 failures[trial.number] = progress.format_exception(err)
             else:
@@ -393,6 +396,14 @@ def _run_one(study: optuna.Study, objective: Callable[[optuna.Trial], float], ga
     if stop is not None:
         raise stop
     return trial.number, outcome
+
+
+def _free_gpu_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _signal_cause(err: KeyboardInterrupt) -> str:

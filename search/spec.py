@@ -18,8 +18,8 @@ from models.config import known_keys
 from search.config import DataConfig, RunConfig, TrainConfig
 from search.studyfile import SECTIONS, SpecError, beside, default_storage_url, load_raw, storage_in_file
 
-STUDY_KEYS = ("name", "seed", "n_trials", "timeout", "workers", "storage", "artifacts", "heartbeat_interval",
-              "grace_period", "max_failures_in_row", "storage_outage_s")
+STUDY_KEYS = ("name", "seed", "n_trials", "timeout", "workers", "gpus", "per_gpu", "storage", "artifacts",
+              "heartbeat_interval", "grace_period", "max_failures_in_row", "storage_outage_s")
 DATA_KEYS = ("path", "synthetic", *(f.name for f in fields(DataConfig)))
 RANGE_KEYS = {"low", "high", "log", "step"}
 VIRTUAL_MODEL_KEYS = ("head_dim",)  # searched instead of d_model: d_model = nhead * head_dim
@@ -80,6 +80,8 @@ class StudySpec:
     n_trials: int | None = None
     timeout: float | None = None
     workers: str | None = None  # local worker processes: a positive integer or "auto" (--workers wins)
+    gpus: str | None = None  # "auto" (every GPU; the default), "none" or indices "0,1" (--gpus wins)
+    per_gpu: int | None = None  # workers sharing each GPU (--per-gpu wins; default 1)
     storage: str | None = None
     artifacts: str | None = None  # checkpoints: a folder, s3:// or gs:// (default: beside the SQLite file)
     heartbeat_interval: int = 30
@@ -170,6 +172,8 @@ def _parse(path: Path, raw: dict[str, Any]) -> StudySpec:
         n_trials=_positive(study, "n_trials", int),
         timeout=_positive(study, "timeout", (int, float)),
         workers=_workers(study.get("workers")),
+        gpus=_gpus(study.get("gpus")),
+        per_gpu=_positive(study, "per_gpu", int),
         storage=_in_file(path, _typed(study, "study.storage", "storage", str, None), storage_in_file),
         artifacts=_in_file(path, _typed(study, "study.artifacts", "artifacts", str, None),
                            lambda p, v: v if "://" in v else str(beside(p, v))),
@@ -231,6 +235,16 @@ def _workers(value: Any) -> str | None:
     if value is None or value == "auto" or isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return None if value is None else str(value)
     raise SpecError(f"study.workers={value!r} must be a positive integer or \"auto\" (one per usable core)")
+
+
+def _gpus(value: Any) -> str | None:
+    """study.gpus: "auto", "none", "0,1" or a list of indices [0, 1]; checked against the machine when used."""
+    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                 for v in value):
+        return ",".join(map(str, value))
+    if value is None or isinstance(value, str) and value.strip():
+        return value
+    raise SpecError(f"study.gpus={value!r} must be \"auto\", \"none\" or GPU indices such as [0, 1]")
 
 
 def _strategy(raw: dict[str, Any], section: str, default: str) -> dict[str, Any]:

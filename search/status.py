@@ -29,7 +29,9 @@ def study_status(study: optuna.Study, now: float) -> str:
         reported = f"step {step} value {t.intermediate_values[step]:.4f}" if step is not None else "no step reported"
         age = beats.get(t.number) if beats is not None else None
         started = f"{duration_text(now - t.datetime_start.timestamp())} ago" if t.datetime_start else "?"
-        lines.append(f"  running #{t.number} on {t.user_attrs.get('worker', '?')}: {reported}, heartbeat "
+        gpu = t.user_attrs.get("gpu")
+        where = t.user_attrs.get("worker", "?") + (f" GPU {gpu['index']} ({gpu['name']})" if gpu else "")
+        lines.append(f"  running #{t.number} on {where}: {reported}, heartbeat "
                      f"{'?' if age is None else f'{age:.0f} s ago'}, started {started}")
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if complete:

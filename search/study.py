@@ -16,12 +16,12 @@ from search.attrs import RUN_CONFIG, VERSIONS, set_dict_attr
 from search.checkpoints import TrialCheckpoints, model_checkpoint
 from search.config import RunConfig
 from search.faults import StorageAway, outside_cause
-from search.provenance import versions
+from search.provenance import gpu_info, versions
 from search.runner import RunStats, poll_interrupt, run_trials, search_plan
 from search.spec import SpecError, StudySpec
 from search.storage import no_wait, open_storage, retry_race
 from search.strategies import make_pruner, make_sampler
-from search.train import resumable, train
+from search.train import default_device, resumable, train
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 RESULT_ATTRS = ("n_params", "flops_per_segment", "steps_run", "steps_per_s", "samples_per_s", "best_valid_acc",
@@ -48,6 +48,9 @@ def train_trial(trial: optuna.Trial, cfg: RunConfig, store: PackedStore, artifac
     trial.set_user_attr("seed", cfg.train.seed)
     trial.set_user_attr("data_fingerprint", store.fingerprint)
     set_dict_attr(trial, VERSIONS, versions())
+    gpu = gpu_info(default_device())
+    if gpu is not None:
+        trial.set_user_attr("gpu", gpu)
     checkpoints = TrialCheckpoints(trial, artifact_store, log) if artifact_store is not None else None
     resume = checkpoints.resume_state(lambda s: resumable(s, cfg, store.fingerprint)) if checkpoints else None
     if resume is not None:  # the retried trial's curve, so the pruner and the dashboard see the whole run

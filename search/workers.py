@@ -1,4 +1,4 @@
-"""`--workers N`: N local worker processes on one study, one core set each.
+"""`--workers N`: N local worker processes on one study, one core set each, and with `--gpus` one GPU each.
 
 Measured on 2 cores (bench/bench_workers.py, quickstart trials): two processes that each use every core
 run at 0.48x the trials/hour of one process; two workers with one thread and one core each at 1.41x
@@ -8,6 +8,10 @@ so a terminal's Ctrl-C reaches only this process, which forwards it exactly once
 Optuna's bookkeeping could leave a trial RUNNING). A worker whose parent dies (kill -9, a lost terminal) gets
 SIGHUP from the kernel (Linux PR_SET_PDEATHSIG) and stops like a SIGTERM: its trial marked interrupted,
 retried from its checkpoint. A closed output pipe stops the output, never the work (guard_output).
+
+GPUs (`--gpus auto|none|0,1,...`, `--per-gpu K`): worker i gets GPU gpus[i % len(gpus)] through
+CUDA_VISIBLE_DEVICES (so it sees one device, cuda:0, and never touches another's memory); K workers share
+each GPU; CPU threads and cores are split over all workers as without GPUs.
 """
 from __future__ import annotations
 
@@ -34,12 +38,58 @@ def usable_cores() -> list[int]:
     return list(range(os.cpu_count() or 1))
 
 
-def parse_workers(text: str) -> int:
-    """'auto' = usable cores; else a positive integer."""
+def parse_workers(text: str, gpu_slots: int = 0) -> int:
+    """'auto' = one per GPU slot (GPUs x per-GPU) where GPUs are used, else one per usable core; else a positive
+    integer."""
     if text == "auto":
-        return len(usable_cores())
+        return gpu_slots or len(usable_cores())
     if not text.isdigit() or int(text) < 1:
         raise ValueError(f"--workers {text!r} must be a positive integer or 'auto'")
+    return int(text)
+
+
+def gpu_count() -> int:
+    """The CUDA GPUs this process sees (0 without CUDA); it asks the driver, no CUDA context is made here."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def gpu_names(count: int) -> str:
+    """'0 (NVIDIA H100 80GB HBM3), 1 (...)' for an error message; the indices alone where torch sees none."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return ", ".join(map(str, range(count)))
+    return ", ".join(f"{i} ({torch.cuda.get_device_name(i)})" for i in range(count))
+
+
+def parse_gpus(text: str | None, count: int | None = None) -> tuple[int, ...]:
+    """--gpus: 'auto' (the default: every GPU there is, none without CUDA), 'none' (CPU only) or indices '0,2'.
+    `count`: how many GPUs the machine has (asked when None)."""
+    text = "auto" if text is None else str(text).strip()
+    if text == "none":
+        return ()
+    count = gpu_count() if count is None else count
+    if text == "auto":
+        return tuple(range(count))
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"--gpus {text!r}: give 'auto', 'none' or distinct GPU indices such as 0,1")
+    if not count:
+        raise ValueError(f"--gpus {text}: this machine has no CUDA GPU (torch sees none); use --gpus none, or "
+                         "leave --gpus out")
+    missing = [int(p) for p in parts if int(p) >= count]
+    if missing:
+        raise ValueError(f"--gpus {text}: there is no GPU {missing[0]} here; GPUs: {gpu_names(count)}")
+    return tuple(int(p) for p in parts)
+
+
+def parse_per_gpu(text: str | int | None) -> int:
+    """--per-gpu K: workers sharing each GPU (default 1)."""
+    text = "1" if text is None else str(text).strip()
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"--per-gpu {text!r} must be a positive integer (workers sharing each GPU)")
     return int(text)
 
 
@@ -47,23 +97,43 @@ def parse_workers(text: str) -> int:
 class Placement:
     threads: int
     cpus: tuple[int, ...] | None  # None: not pinned (more workers than cores, or no affinity API)
+    gpu: int | None = None  # the GPU index this worker sees (CUDA_VISIBLE_DEVICES); None: no GPU chosen
 
 
-def placements(n_workers: int) -> list[Placement]:
+def placements(n_workers: int, gpus: Sequence[int] = ()) -> list[Placement]:
+    """Worker i: its share of the cores, and GPU gpus[i % len(gpus)] (so K = n_workers / len(gpus) per GPU)."""
     cores = usable_cores()
     threads = max(1, len(cores) // n_workers)
     pin = n_workers <= len(cores) and hasattr(os, "sched_setaffinity")
-    return [Placement(threads, tuple(cores[i * threads:(i + 1) * threads]) if pin else None)
+    return [Placement(threads, tuple(cores[i * threads:(i + 1) * threads]) if pin else None,
+                      gpus[i % len(gpus)] if gpus else None)
             for i in range(n_workers)]
 
 
-def apply_placement(threads: int | None, cpus: str | None) -> None:
-    """In a worker: pin to its cores, then size torch's thread pool to them."""
+def gpu_env(gpu: int | None, gpus_used: bool) -> dict[str, str]:
+    """A worker's CUDA_VISIBLE_DEVICES: its one GPU; '' (no GPU: the CPU) when GPUs are switched off."""
+    if gpu is not None:
+        return {"CUDA_VISIBLE_DEVICES": str(gpu)}
+    return {} if gpus_used else {"CUDA_VISIBLE_DEVICES": ""}
+
+
+def apply_placement(threads: int | None, cpus: str | None, gpu: int | None = None, cpu_only: bool = False
+                    ) -> None:
+    """In a worker: pin to its cores, then size torch's thread pool to them. In this process: use GPU `gpu`, or
+    no GPU (cpu_only; before CUDA starts, which nothing here did yet). Workers started by Workers see only
+    their own GPU, through CUDA_VISIBLE_DEVICES."""
+    if cpu_only:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import torch
 
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, [int(c) for c in cpus.split(",")])
     torch.set_num_threads(threads or max(1, len(usable_cores())))
+    if gpu is not None and torch.cuda.is_available():
+        torch.cuda.set_device(gpu)
+
+
+PARENT_ONLY = ("--workers", "--gpus", "--per-gpu")  # the parent places its workers; each worker is one
 
 
 def without_workers_option(argv: Sequence[str]) -> list[str]:
@@ -71,9 +141,9 @@ def without_workers_option(argv: Sequence[str]) -> list[str]:
     for arg in argv:
         if skip:
             skip = False
-        elif arg == "--workers":
+        elif arg in PARENT_ONLY:
             skip = True
-        elif not arg.startswith("--workers="):
+        elif not arg.startswith(tuple(f"{o}=" for o in PARENT_ONLY)):
             out.append(arg)
     return out
 
@@ -147,11 +217,13 @@ def guard_output() -> None:
 class Workers:
     """Start N copies of this command as workers, prefix their output lines with [wI], forward signals."""
 
-    def __init__(self, argv: Sequence[str], n_workers: int, deadline: float | None) -> None:
+    def __init__(self, argv: Sequence[str], n_workers: int, deadline: float | None,
+                 gpus: Sequence[int] | None = None) -> None:
+        """gpus: the GPUs to spread the workers over; () for none (CPU only); None: leave CUDA as it is."""
         self.procs: list[subprocess.Popen] = []
         self._pumps: list[threading.Thread] = []
         base = [sys.executable, str(RUN_STUDY), *without_workers_option(argv)]
-        self.placements = placements(n_workers)
+        self.placements = placements(n_workers, gpus or ())
         for i, place in enumerate(self.placements):
             cmd = [*base, "--worker-id", str(i), "--threads", str(place.threads), "--parent", str(os.getpid())]
             if place.cpus:
@@ -159,7 +231,7 @@ class Workers:
             if deadline is not None:
                 cmd += ["--deadline", repr(deadline)]
             env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(place.threads),
-                   "MKL_NUM_THREADS": str(place.threads)}
+                   "MKL_NUM_THREADS": str(place.threads), **({} if gpus is None else gpu_env(place.gpu, bool(gpus)))}
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
                                     bufsize=1, start_new_session=True)
             self.procs.append(proc)
@@ -170,7 +242,8 @@ class Workers:
     def describe(self) -> str:
         def one(place: Placement) -> str:
             cores = f" on core(s) {','.join(map(str, place.cpus))}" if place.cpus else ""
-            return f"{place.threads} thread(s){cores}"
+            gpu = f", GPU {place.gpu}" if place.gpu is not None else ""
+            return f"{place.threads} thread(s){cores}{gpu}"
 
         return "; ".join(f"w{i}: {one(p)}" for i, p in enumerate(self.placements))
 

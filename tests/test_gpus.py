@@ -1,0 +1,96 @@
+"""GPU placement on a machine without one: which GPU each worker gets, the one-line refusals, what a trial
+records and `status` shows. (The GPUs themselves are exercised by bench/gpu_smoke.sh on a lent GPU.)"""
+import subprocess
+
+import optuna
+import pytest
+from optuna.trial import TrialState, create_trial
+
+import run_study
+from search import workers
+from search.provenance import physical_gpu
+from search.status import study_status
+from search.workers import Workers, parse_gpus, parse_per_gpu, parse_workers, placements
+from tests.conftest import write_study
+from tests.test_cli import FAST
+
+
+def test_workers_are_spread_over_the_gpus_k_per_gpu_with_the_cores_split_as_without(monkeypatch):
+    monkeypatch.setattr(workers, "usable_cores", lambda: list(range(8)))
+    assert parse_gpus("auto", count=2) == (0, 1) and parse_gpus(None, count=0) == () and parse_gpus("none") == ()
+    assert parse_gpus("1,3", count=4) == (1, 3)
+    assert parse_workers("auto", gpu_slots=2 * parse_per_gpu("3")) == 6 and parse_workers("auto") == 8
+    placed = placements(4, gpus=(1, 3))
+    assert [p.gpu for p in placed] == [1, 3, 1, 3]  # 2 per GPU
+    assert [p.cpus for p in placed] == [(0, 1), (2, 3), (4, 5), (6, 7)] and {p.threads for p in placed} == {2}
+    assert [p.gpu for p in placements(2)] == [None, None]
+
+
+@pytest.mark.parametrize(("text", "count", "message"), [
+    ("0", 0, "--gpus 0: this machine has no CUDA GPU (torch sees none); use --gpus none"),
+    ("2", 2, "--gpus 2: there is no GPU 2 here; GPUs: 0, 1"),
+    ("0,0", 2, "--gpus '0,0': give 'auto', 'none' or distinct GPU indices"),
+    ("gpu0", 2, "--gpus 'gpu0': give 'auto', 'none' or distinct GPU indices"),
+])
+def test_gpus_that_are_not_there_are_refused(text, count, message):
+    with pytest.raises(ValueError) as err:
+        parse_gpus(text, count=count)
+    assert str(err.value).startswith(message)
+    with pytest.raises(ValueError, match="--per-gpu '0' must be a positive integer"):
+        parse_per_gpu("0")
+
+
+def test_each_worker_sees_only_its_gpu_and_none_means_the_cpu(monkeypatch):
+    started = []
+
+    class Proc:
+        pid, stdout = 1, iter(())
+
+        def __init__(self, cmd, env, **_):
+            started.append((cmd, env))
+
+    monkeypatch.setattr(subprocess, "Popen", Proc)
+    monkeypatch.setattr(workers, "usable_cores", lambda: [0, 1])
+    argv = ["search", "s.toml", "--gpus", "0,1", "--per-gpu=2", "--workers", "4"]
+    shown = Workers(argv, 4, None, gpus=(0, 1))
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in started] == ["0", "1", "0", "1"]
+    assert all("--gpus" not in cmd and "--per-gpu=2" not in cmd and "--workers" not in cmd for cmd, _ in started)
+    assert "w1: 1 thread(s), GPU 1" in shown.describe()
+    started.clear()
+    Workers(argv, 2, None, gpus=())  # --gpus none: no worker touches a GPU
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in started] == ["", ""]
+    started.clear()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+    Workers(argv, 2, None)  # no GPUs given: CUDA left as the parent has it
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in started] == ["5", "5"]
+
+
+def test_gpus_on_a_machine_without_one_is_one_line_and_stores_nothing(tmp_path, tiny_synthetic, capsys):
+    study = write_study(tmp_path / "g.toml", FAST)
+    for args, message in ((["--gpus", "0"], "this machine has no CUDA GPU"),
+                          (["--per-gpu", "x"], "--per-gpu 'x' must be a positive integer"),
+                          (["--set", "study.gpus=[-1]"], "study.gpus=[-1] must be")):
+        code = run_study.main(["search", str(study), "--data", str(tiny_synthetic), *args])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "g.db").exists()
+
+
+def test_a_trial_records_its_gpu_and_status_shows_it():
+    assert physical_gpu("2,3", 1) == 3 and physical_gpu(None, 0) == 0 and physical_gpu("GPU-ab12", 0) == "GPU-ab12"
+    study = optuna.create_study(study_name="g", direction="maximize")
+    study.add_trial(create_trial(state=TrialState.RUNNING, user_attrs={
+        "worker": "host:11", "gpu": {"index": 3, "name": "NVIDIA H100 80GB HBM3", "memory_gib": 79.1}}))
+    assert "running #0 on host:11 GPU 3 (NVIDIA H100 80GB HBM3): no step reported" in study_status(study, 0.0)
+
+
+def test_out_of_gpu_memory_is_one_line_that_says_what_to_lower():
+    import torch
+
+    from search.faults import own_reason
+
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                 "79.1 GiB of which 1.2 GiB is free.\nOf the allocated memory 70 GiB ...")
+    assert own_reason(oom) == ("out of GPU memory (CUDA out of memory): a smaller model or train.batch_size, or "
+                               "fewer workers per GPU (--per-gpu)")
+    assert own_reason(ValueError("bad\nsecond line")) == "bad" and own_reason(RuntimeError()) == "RuntimeError"
