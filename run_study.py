@@ -336,10 +336,10 @@ def _run(args, spec, timeout, setup, run, top: int, target, open_study=None) -> 
     per_gpu_asked = args.per_gpu or spec.per_gpu
     try:
         gpus = None if is_worker else parse_gpus(gpus_asked)  # a worker sees only its own (its parent chose)
-        per_gpu = parse_per_gpu(per_gpu_asked)
+        per_gpu = parse_per_gpu(per_gpu_asked, gpus if gpus is not None else (0,))
         # GPUs asked for by name mean "use them": one worker per GPU slot unless --workers says otherwise
         workers = args.workers or spec.workers or ("auto" if gpus and (gpus_asked or per_gpu_asked) else "1")
-        n_workers = parse_workers(workers, len(gpus or ()) * per_gpu)
+        n_workers = parse_workers(workers, len(gpus or ()) * (1 if per_gpu == "auto" else per_gpu))
     except ValueError as err:
         raise SpecError(str(err)) from None
     make_sampler(spec), make_pruner(spec)  # bad arguments: one line now, before any data or storage work
@@ -364,6 +364,8 @@ def _run(args, spec, timeout, setup, run, top: int, target, open_study=None) -> 
         record_command(study, spec.path, args.data, args.overrides, timeout)
         setup(study)
     done, wanted, _ = _done_of(study, target)
+    if per_gpu == "auto" and not (wanted and done >= wanted):
+        n_workers = _probe_per_gpu(args, spec, study, gpus, n_workers if workers != "auto" else None)
     if n_workers > 1 and wanted and done >= wanted:  # nothing to do: no worker processes to start and import torch
         n_workers = 1
     if n_workers == 1:
@@ -397,6 +399,21 @@ def _run(args, spec, timeout, setup, run, top: int, target, open_study=None) -> 
     args.done = code == 0
     _say_done(args, spec, study, stats, url, top)
     return code
+
+
+def _probe_per_gpu(args, spec, study, gpus, n_workers: int | None) -> int:
+    """--per-gpu auto: measure K on the first GPU, say it, store it; the workers to start (GPUs x K, unless
+    --workers gave a number)."""
+    from search import probe
+
+    study_args = [str(spec.path), "--data", str(args.data or spec.data_path)]
+    for item in args.overrides:
+        study_args += ["--set", item]
+    print(f"--per-gpu auto: probing K = 1, 2, 4, ... workers on GPU {gpus[0]} ({probe.PROBE_STEPS} steps each)")
+    k, points, why = probe.choose_per_gpu(probe.measure_on(gpus[0], study_args))
+    print(probe.describe(k, points, why))
+    probe.record(study, k, points, why)
+    return n_workers or len(gpus) * k
 
 
 def _exit_code(stats) -> int:

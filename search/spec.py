@@ -81,7 +81,7 @@ class StudySpec:
     timeout: float | None = None
     workers: str | None = None  # local worker processes: a positive integer or "auto" (--workers wins)
     gpus: str | None = None  # "auto" (every GPU; the default), "none" or indices "0,1" (--gpus wins)
-    per_gpu: int | None = None  # workers sharing each GPU (--per-gpu wins; default 1)
+    per_gpu: int | str | None = None  # workers sharing each GPU, or "auto" (measured) (--per-gpu wins; default 1)
     storage: str | None = None
     artifacts: str | None = None  # checkpoints: a folder, s3:// or gs:// (default: beside the SQLite file)
     heartbeat_interval: int = 30
@@ -173,7 +173,7 @@ def _parse(path: Path, raw: dict[str, Any]) -> StudySpec:
         timeout=_positive(study, "timeout", (int, float)),
         workers=_workers(study.get("workers")),
         gpus=_gpus(study.get("gpus")),
-        per_gpu=_positive(study, "per_gpu", int),
+        per_gpu=study.get("per_gpu") if study.get("per_gpu") == "auto" else _positive(study, "per_gpu", int),
         storage=_in_file(path, _typed(study, "study.storage", "storage", str, None), storage_in_file),
         artifacts=_in_file(path, _typed(study, "study.artifacts", "artifacts", str, None),
                            lambda p, v: v if "://" in v else str(beside(p, v))),

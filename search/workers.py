@@ -85,11 +85,17 @@ def parse_gpus(text: str | None, count: int | None = None) -> tuple[int, ...]:
     return tuple(int(p) for p in parts)
 
 
-def parse_per_gpu(text: str | int | None) -> int:
-    """--per-gpu K: workers sharing each GPU (default 1)."""
+def parse_per_gpu(text: str | int | None, gpus: Sequence[int] = (0,)) -> int | str:
+    """--per-gpu K: workers sharing each GPU (default 1), or 'auto' (measured: search/probe.py) where there
+    are GPUs."""
     text = "1" if text is None else str(text).strip()
+    if text == "auto":
+        if not gpus:
+            raise ValueError("--per-gpu auto: there is no GPU to probe (torch sees none, or --gpus none); give "
+                             "--per-gpu K or leave it out")
+        return text
     if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"--per-gpu {text!r} must be a positive integer (workers sharing each GPU)")
+        raise ValueError(f"--per-gpu {text!r} must be a positive integer (workers sharing each GPU) or 'auto'")
     return int(text)
 
 

@@ -8,6 +8,7 @@ from optuna.trial import TrialState, create_trial
 
 import run_study
 from search import workers
+from search.probe import ProbePoint, choose_per_gpu, describe, measure_on
 from search.provenance import physical_gpu
 from search.status import study_status
 from search.workers import Workers, parse_gpus, parse_per_gpu, parse_workers, placements
@@ -94,3 +95,48 @@ def test_out_of_gpu_memory_is_one_line_that_says_what_to_lower():
     assert own_reason(oom) == ("out of GPU memory (CUDA out of memory): a smaller model or train.batch_size, or "
                                "fewer workers per GPU (--per-gpu)")
     assert own_reason(ValueError("bad\nsecond line")) == "bad" and own_reason(RuntimeError()) == "RuntimeError"
+
+
+def _recorded(rates: dict[int, float], peak: float = 2.0, free: float | None = 70.0):
+    """measure(K) from recorded numbers (steps/s of K processes together on one GPU)."""
+    asked = []
+
+    def measure(k: int) -> ProbePoint:
+        asked.append(k)
+        return ProbePoint(k, rates[k], peak, free)
+
+    return measure, asked
+
+
+@pytest.mark.parametrize(("rates", "peak", "free", "chosen", "asked", "why"), [
+    # small model, GPU mostly idle: doubling pays until 8; 16 gives only 1.05x
+    ({1: 120, 2: 230, 4: 430, 8: 700, 16: 735}, 2.0, 70.0, 8, [1, 2, 4, 8, 16], "K=16 gave 1.05x"),
+    # a big model already fills the GPU: 2 processes give 1.08x, keep 1
+    ({1: 60, 2: 65}, 9.0, 70.0, 1, [1, 2], "K=2 gave 1.08x"),
+    # memory stops it before speed does: 8 x 6 GiB x 1.5 headroom > 70 GiB free
+    ({1: 100, 2: 190, 4: 360}, 6.0, 70.0, 4, [1, 2, 4], "K=8 would need about 72.0 GiB, 70.0 GiB were free"),
+    # on a CPU (no memory figures), capped at MAX_K
+    ({k: 100.0 * k for k in (1, 2, 4, 8, 16)}, 0.0, None, 16, [1, 2, 4, 8, 16], "K=16 is the most probed"),
+])
+def test_per_gpu_auto_doubles_while_steps_per_s_rise_15_percent_and_memory_fits(rates, peak, free, chosen, asked,
+                                                                                why):
+    measure, measured = _recorded(rates, peak, free)
+    k, points, reason = choose_per_gpu(measure)
+    assert (k, measured) == (chosen, asked) and reason.startswith(why), reason
+    assert [p.k for p in points] == asked and describe(k, points, reason).startswith(
+        f"--per-gpu auto: {chosen} worker(s) per GPU (K=1: {rates[1]:.0f} steps/s")
+
+
+def test_a_probe_measures_k_processes_at_once_with_the_studys_first_configuration(tmp_path, tiny_synthetic):
+    study = write_study(tmp_path / "p.toml", FAST)
+    point = measure_on(None, [str(study), "--data", str(tiny_synthetic)], steps=20)(2)
+    assert point.k == 2 and point.steps_per_s > 0 and point.peak_gib == 0.0 and point.free_gib is None  # CPU here
+    with pytest.raises(RuntimeError, match="a probe process failed: .*no_such_key"):
+        measure_on(None, [str(study), "--data", str(tiny_synthetic), "--set", "train.no_such_key=1"], steps=5)(1)
+
+
+def test_per_gpu_auto_without_a_gpu_is_one_line(tmp_path, tiny_synthetic, capsys):
+    study = write_study(tmp_path / "a.toml", FAST)
+    assert run_study.main(["search", str(study), "--data", str(tiny_synthetic), "--per-gpu", "auto"]) == 2
+    assert "--per-gpu auto: there is no GPU to probe" in capsys.readouterr().err
+    assert not (tmp_path / "a.db").exists()
