@@ -232,6 +232,9 @@ def _add_run_options(p: argparse.ArgumentParser, study_help: str, example: str) 
         p.add_argument(hidden, type=int, help=argparse.SUPPRESS)
     p.add_argument("--cpus", help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    from search import slurm
+
+    slurm.add_options(p)
 
 
 def _add_storage_option(p: argparse.ArgumentParser) -> None:
@@ -273,6 +276,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     n_trials = args.n_trials or spec.n_trials
     if n_trials is None and not (args.timeout or spec.timeout):
         n_trials = 10
+    if args.slurm is not None:
+        return _submit(args, spec)
 
     def setup(study) -> None:
         from search.runner import retry_interrupted
@@ -294,6 +299,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from search.ablation import enqueue_missing_cells, load_ablation, open_ablation, run_ablation
 
     ablation = load_ablation(args.study, args.overrides)
+    if args.slurm is not None:
+        return _submit(args, ablation.study)
     rows: dict = {}
 
     def open_study(url: str, fingerprint: str, wait: bool):
@@ -310,6 +317,15 @@ def cmd_ablate(args: argparse.Namespace) -> int:
                                                                          artifact_store=artifacts), top=0,
                 target=lambda: len(rows) * len(ablation.seeds),
                 open_study=open_study)
+
+
+def _submit(args, spec) -> int:
+    """--slurm N: this command as a Slurm job array (search/slurm.py); nothing is trained here."""
+    from search import slurm
+    from search.storage import results_dir
+
+    url = args.storage or spec.storage_url
+    return slurm.submit(args, args.argv, spec.name, url, results_dir(url, spec.path.parent) / "slurm")
 
 
 def _run(args, spec, timeout, setup, run, top: int, target, open_study=None) -> int:

@@ -47,6 +47,8 @@ from search.faults import (
     outside_cause,
     own_reason,
 )
+from search.slurm import TASK_ATTR as SLURM_TASK_ATTR
+from search.slurm import task_name as slurm_task_name
 from search.spec import SpecError
 from search.storage import ResilientRDBStorage, ServerLock, sqlite_path
 
@@ -363,6 +365,8 @@ def _run_one(study: optuna.Study, objective: Callable[[optuna.Trial], float], ga
         try:
             poll_interrupt()  # a signal that came while Optuna created the trial: fail it as interrupted
             trial.set_user_attr("worker", worker_name())
+            if slurm_task_name():
+                trial.set_user_attr(SLURM_TASK_ATTR, slurm_task_name())
             value = objective(trial)
         except optuna.TrialPruned:
             state = TrialState.PRUNED

@@ -30,7 +30,9 @@ def study_status(study: optuna.Study, now: float) -> str:
         age = beats.get(t.number) if beats is not None else None
         started = f"{duration_text(now - t.datetime_start.timestamp())} ago" if t.datetime_start else "?"
         gpu = t.user_attrs.get("gpu")
-        where = t.user_attrs.get("worker", "?") + (f" GPU {gpu['index']} ({gpu['name']})" if gpu else "")
+        task = t.user_attrs.get("slurm_task")
+        where = (t.user_attrs.get("worker", "?") + (f" (Slurm task {task})" if task else "")
+                 + (f" GPU {gpu['index']} ({gpu['name']})" if gpu else ""))
         lines.append(f"  running #{t.number} on {where}: {reported}, heartbeat "
                      f"{'?' if age is None else f'{age:.0f} s ago'}, started {started}")
     complete = [t for t in trials if t.state == TrialState.COMPLETE]

@@ -1,7 +1,7 @@
 """Every command block of the README, run in order exactly as written, in a fresh copy of the repository, as a new
 user copies them (budgets made tiny through $RUN_STUDY_SET, which the README documents). A block that cannot run
 here says why in a `<!-- not run by tests/test_readme.py: REASON -->` line above it; servers (the dashboards) are
-started, asked for their page and stopped. Every TOML block must parse.
+started, asked for their page and stopped. Every TOML and YAML block must parse.
 """
 import os
 import re
@@ -14,6 +14,8 @@ import time
 import tomllib
 import urllib.error
 from pathlib import Path
+
+import yaml
 
 from tests.test_dashboard import _get
 
@@ -92,6 +94,8 @@ def test_every_readme_command_block_runs_as_written(tmp_path):
     for lang, body, _ in found:
         if lang == "toml":
             tomllib.loads(body)  # a study-file snippet that does not parse would fail the user's study file
+        if lang == "yaml":
+            assert isinstance(yaml.safe_load(body), dict)  # a manifest to copy (Kubernetes)
     repo = _fresh_copy(tmp_path / "repo")
     env = {**os.environ, "RUN_STUDY_SET": TINY, "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("OPTUNA_STORAGE", None)
