@@ -37,15 +37,9 @@ def add_options(p: argparse.ArgumentParser) -> None:
 
 def task_argv(argv: Sequence[str]) -> list[str]:
     """The command a task runs: the submitting one without its Slurm options."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in OPTIONS:
-            skip = True
-        elif arg not in FLAGS and not arg.startswith(tuple(f"{o}=" for o in OPTIONS)):
-            out.append(arg)
-    return out
+    from search.workers import without_options
+
+    return without_options(argv, OPTIONS, FLAGS)
 
 
 def minutes(text: str) -> int:

@@ -143,13 +143,18 @@ PARENT_ONLY = ("--workers", "--gpus", "--per-gpu")  # the parent places its work
 
 
 def without_workers_option(argv: Sequence[str]) -> list[str]:
+    return without_options(argv, PARENT_ONLY)
+
+
+def without_options(argv: Sequence[str], options: Sequence[str], flags: Sequence[str] = ()) -> list[str]:
+    """argv without `options` (each with its value, `--opt V` or `--opt=V`) and `flags` (no value)."""
     out, skip = [], False
     for arg in argv:
         if skip:
             skip = False
-        elif arg in PARENT_ONLY:
+        elif arg in options:
             skip = True
-        elif not arg.startswith(tuple(f"{o}=" for o in PARENT_ONLY)):
+        elif arg not in flags and not arg.startswith(tuple(f"{o}=" for o in options)):
             out.append(arg)
     return out
 

@@ -85,21 +85,28 @@ def test_make_data_search_and_report_end_to_end(tmp_path):
     assert "# Studies `e2e`, `other`" in across.stdout
 
 
-def test_bad_study_file_exits_2_with_one_line(tmp_path):
+def test_bad_study_file_exits_2_with_one_line(tmp_path, capsys, monkeypatch):
     study = write_study(tmp_path / "bad.toml", "[model]\nd_model = 80\nnhead = 3\n")
-    assert_one_line_error(cli("search", str(study), "--data", "x", cwd=tmp_path, check=False),
+    assert_one_line_error(cli("search", str(study), "--data", "x", cwd=tmp_path, check=False),  # a real process
                           "bad.toml", "model.nhead=3 must divide model.d_model=80")
-    assert_one_line_error(cli("search", "missing.toml", cwd=tmp_path, check=False), "missing.toml", "not found")
+    monkeypatch.chdir(tmp_path)
+
+    def in_process(*args: str) -> subprocess.CompletedProcess:  # the same entry point, in this process: cheaper
+        code = run_study.main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    assert_one_line_error(in_process("search", "missing.toml"), "missing.toml", "not found")
     good = write_study(tmp_path / "good.toml", FAST)
-    assert_one_line_error(cli("search", str(good), "--set", "train.lr=-1", cwd=tmp_path, check=False),
+    assert_one_line_error(in_process("search", str(good), "--set", "train.lr=-1"),
                           "train.lr=-1 must be a positive number")
-    assert_one_line_error(cli("search", str(good), "--data", "nowhere", cwd=tmp_path, check=False),
-                          "nowhere", "not found")
-    assert_one_line_error(cli("search", str(good), cwd=tmp_path, check=False), "no dataset")
-    assert_one_line_error(cli("report", "nothing-here", cwd=tmp_path, check=False), "nothing-here")
-    assert_one_line_error(cli("report", str(good), "--format", "md,pdf", cwd=tmp_path, check=False),
+    assert_one_line_error(in_process("search", str(good), "--data", "nowhere"), "nowhere", "not found")
+    assert_one_line_error(in_process("search", str(good)), "no dataset")
+    assert_one_line_error(in_process("report", "nothing-here"), "nothing-here")
+    assert_one_line_error(in_process("report", str(good), "--format", "md,pdf"),
                           "unknown format 'pdf'; valid: md, csv, tex")
-    assert_one_line_error(cli("report", str(good), "--top", "0", cwd=tmp_path, check=False), "--top=0 must be positive")
+    assert_one_line_error(in_process("report", str(good), "--top", "0"), "--top=0 must be positive")
+    assert not list(tmp_path.glob("*.db"))
 
 
 def test_bad_dataset_exits_2_naming_the_file(tmp_path):

@@ -96,6 +96,9 @@ def test_every_readme_command_block_runs_as_written(tmp_path):
             tomllib.loads(body)  # a study-file snippet that does not parse would fail the user's study file
         if lang == "yaml":
             assert isinstance(yaml.safe_load(body), dict)  # a manifest to copy (Kubernetes)
+    installed = ROOT / ".venv" / ".installed"
+    assert installed.exists() and installed.stat().st_mtime >= (ROOT / "pyproject.toml").stat().st_mtime, \
+        "the venv is older than pyproject.toml: run `make install` (make test does) before this test"
     repo = _fresh_copy(tmp_path / "repo")
     env = {**os.environ, "RUN_STUDY_SET": TINY, "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("OPTUNA_STORAGE", None)
