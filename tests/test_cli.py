@@ -14,7 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 import run_study
-from tests.conftest import write_study
+from tests.conftest import study_trials, write_study
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = """
@@ -124,10 +124,7 @@ def test_bad_dataset_exits_2_naming_the_file(tmp_path):
 
 
 def _states(url: str) -> list[TrialState]:
-    try:
-        return [t.state for t in optuna.load_study(study_name="kill", storage=url).trials]
-    except KeyError:
-        return []
+    return [t.state for t in study_trials("kill", url)]
 
 
 def test_killed_study_resumes_without_losing_or_repeating_trials(tmp_path):

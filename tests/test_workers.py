@@ -12,8 +12,7 @@ from optuna.trial import TrialState
 
 from search.attrs import run_config_of
 from search.cells import cell_of
-from search.storage import normalize_url
-from tests.conftest import TINY_STUDY
+from tests.conftest import TINY_STUDY, study_trials
 from tests.test_cli import ROOT, cli
 
 SPACE = """
@@ -51,10 +50,7 @@ def start(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subproces
 
 
 def trials(name: str, url: str) -> list[optuna.trial.FrozenTrial]:
-    try:
-        return optuna.load_study(study_name=name, storage=normalize_url(url)).trials
-    except KeyError:  # not created yet
-        return []
+    return study_trials(name, url)  # [] while not created yet
 
 
 def wait_for(condition, name: str, url: str, limit: float = 240) -> list[optuna.trial.FrozenTrial]:
