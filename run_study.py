@@ -184,6 +184,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="change the trial's config, e.g. train.max_steps=5000 or data.valid_fraction=0.05")
     p.add_argument("--out", type=Path, help="checkpoint file (default: STUDY-trial-N-final.pt in the storage's "
                                             "results folder, e.g. studies/NAME.results/)")
+    p.add_argument("--gpus", metavar="auto|none|I", help="the GPU of the fit: 'auto' (the first; the default), "
+                                                          "'none' (CPU) or one index")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="predict the test set (testdata.json) and write a Kaggle HW4 submission "
@@ -576,17 +578,31 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     from search.final import final_config, fit, pick_trial
     from search.origin import recorded_path
+    from search.provenance import gpu_info
     from search.runner import handle_signals
+    from search.studyfile import SpecError
+    from search.train import default_device
+    from search.workers import apply_placement, parse_gpus
 
+    try:
+        gpus = parse_gpus(args.gpus)
+    except ValueError as err:
+        raise SpecError(str(err)) from None
+    if len(gpus) > 1 and args.gpus not in (None, "auto"):
+        raise SpecError(f"--gpus {args.gpus}: a final fit is one process on one GPU; give one index")
     handle_signals()
     study, spec, results = _load_study_and_spec(args.study, args.storage)
     trial = pick_trial(study, args.trial)
     cfg = final_config(trial, args.overrides)
     store = _data_for(study, spec, args.data)
     out = args.out or results / f"{study.study_name}-trial-{trial.number}-final.pt"
+    apply_placement(None, None, gpus[0] if gpus else None, cpu_only=gpus == ())  # the same placement as workers'
+    gpu = gpu_info(default_device())
     print(f"final fit of trial {trial.number} of study {study.study_name!r} (valid_acc "
-          f"{_fmt(trial.value)} in the study): {cfg.train.max_steps} steps")
-    result = fit(cfg, store, out, {"study": study.study_name, "trial": trial.number, "overrides": args.overrides})
+          f"{_fmt(trial.value)} in the study): {cfg.train.max_steps} steps on "
+          + (f"GPU {gpu['index']} ({gpu['name']})" if gpu else "the CPU"))
+    source = {"study": study.study_name, "trial": trial.number, "overrides": args.overrides}
+    result = fit(cfg, store, out, {**source, "gpu": gpu} if gpu else source)
     print(f"best valid_acc {result.best_valid_acc:.4f} at step {result.best_step}; saved {out}")
     data = args.data or recorded_path(study) or spec.data_path
     print(f"next: run-study predict {shlex.quote(str(out))} --data {shlex.quote(str(data))} --out submission.csv")

@@ -105,7 +105,7 @@ def test_a_trials_best_artifact_is_what_predict_uses(searched):
     assert predict.from_study(study, "1", None)[0].values["valid_acc"] == checkpoint["valid_acc"] == trial.value
 
 
-@pytest.mark.parametrize("case", ["other_mels", "other_speakers", "train_other_speakers", "no_testdata",
+@pytest.mark.parametrize("case", ["other_mels", "other_speakers", "train_other_speakers", "train_no_gpu", "no_testdata",
                                   "garbage_file", "bad_trial", "bad_set", "pickled_code", "missing_labels",
                                   "other_data", "train_other_data", "missing_checkpoint", "truncated_file",
                                   "truncated_trial", "truncated_best"])
@@ -123,6 +123,7 @@ def test_bad_input_is_one_line_and_exit_2(searched, tiny_synthetic, hw4_folder, 
                                  *out],
         "bad_trial": lambda: ["predict", study, "--trial", "99", "--data", data, *out],
         "bad_set": lambda: ["train", study, "--data", data, "--set", "train.max_stepz=5"],
+        "train_no_gpu": lambda: ["train", study, "--gpus", "0", "--out", str(tmp_path / "f.pt")],
         "pickled_code": lambda: ["predict", str(_pickled(tmp_path / "evil.pt")), "--data", data, *out],
         "missing_labels": lambda: ["predict", study, "--data", data, "--labels", str(tmp_path / "none.csv"), *out],
         "other_data": lambda: ["predict", study, "--data", str(_one_test_utterance_less(tiny_synthetic, tmp_path)),
@@ -142,6 +143,7 @@ def test_bad_input_is_one_line_and_exit_2(searched, tiny_synthetic, hw4_folder, 
                 "other_speakers": "mapping.json: its 4 speakers differ from the 8 that fit/trial",
                 "train_other_speakers": "mapping.json: its 4 speakers differ from the 8 that study 'fit' was trained",
                 "bad_trial": "--trial '99'", "bad_set": "max_stepz", "pickled_code": "evil.pt",
+                "train_no_gpu": "--gpus 0: this machine has no CUDA GPU",
                 "missing_labels": "none.csv", "other_data": "--other-data predicts anyway",
                 "train_other_data": "not the dataset study 'fit' was run on",
                 "missing_checkpoint": "checkpoint is missing from the artifact store",
@@ -304,8 +306,10 @@ def test_train_and_predict_find_a_study_by_name_alone_and_its_dataset(searched, 
     study = optuna.load_study(study_name="fit", storage=url)
     assert Path(study.user_attrs["dataset"]["path"]).name == "tiny"
     out = tmp_path / "by-name.pt"
-    assert run_study.main(["train", "fit", "--storage", url, "--set", "train.max_steps=20", "--out", str(out)]) == 0
+    assert run_study.main(["train", "fit", "--storage", url, "--set", "train.max_steps=20", "--out", str(out),
+                           "--gpus", "none"]) == 0
     said = capsys.readouterr().out
+    assert "20 steps on the CPU" in said  # placed as workers are: --gpus none, or auto / one index
     assert f"next: run-study predict {out} --data {study.user_attrs['dataset']['path']} --out submission.csv" in said
     assert run_study.main(["predict", "fit", "--storage", url, "--out", str(tmp_path / "s.csv")]) == 0
 
