@@ -627,7 +627,12 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if data is None:
         raise SpecError("--data DIR is needed: the HW4 folder with testdata.json")
     checks = [predict.shape_check(c) for c in checkpoints]
-    store = _open_data_folder(data, lambda index, root: [check(index, root) for check in checks])
+
+    def same_shape(index, root) -> None:  # every checkpoint's n_mels and speakers, before anything is packed
+        for check in checks:
+            check(index, root)
+
+    store = _open_data_folder(data, same_shape)
     if store.n_test == 0:
         raise SpecError(f"{data}/testdata.json: missing or empty; predict needs the test utterances")
     for checkpoint in checkpoints:

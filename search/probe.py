@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 GAIN = 1.15  # a doubling of K must give at least this much more total steps/s
 HEADROOM = 1.5  # the probed configuration's peak memory x this: room for larger models of the space
@@ -108,9 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     free = torch.cuda.mem_get_info()[0] / 2**30 if device.type == "cuda" else None
     store = open_store(args.data or spec.data_path)
     cfg = spec.default_run_config()
-    steps = min(args.steps, cfg.train.max_steps)
-    cfg = type(cfg).from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "max_steps": steps,
-                                                            "valid_steps": steps, "max_minutes": 0.0}})
+    steps = min(args.steps, cfg.train.max_steps)  # one evaluation, at the end; no time budget
+    cfg = replace(cfg, train=replace(cfg.train, max_steps=steps, valid_steps=steps, max_minutes=0.0))
     result = train(cfg, store, device=device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     print(json.dumps({"steps_per_s": result.steps_per_s, "peak_gib": peak, "free_gib": free}))
