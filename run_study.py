@@ -427,8 +427,9 @@ def _probe_per_gpu(args, spec, study, gpus, n_workers: int | None) -> int:
     study_args = [str(spec.path), "--data", str(args.data or spec.data_path)]
     for item in args.overrides:
         study_args += ["--set", item]
-    print(f"--per-gpu auto: probing K = 1, 2, 4, ... workers on GPU {gpus[0]} ({probe.PROBE_STEPS} steps each)")
-    k, points, why = probe.choose_per_gpu(probe.measure_on(gpus[0], study_args))
+    print(f"--per-gpu auto: probing K = 1, 2, 4, ... workers on GPU {gpus[0]} "
+          f"({probe.WARMUP_S + probe.WINDOW_S:.0f} s each, after the processes' start-up)")
+    k, points, why = probe.choose_per_gpu(probe.measure_on(gpus[0], study_args, n_gpus=len(gpus)))
     print(probe.describe(k, points, why))
     probe.record(study, k, points, why)
     return n_workers or len(gpus) * k

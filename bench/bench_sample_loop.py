@@ -55,8 +55,10 @@ def stock(module):
     return module
 
 
-def sample_loop(data: Path, model_name: str, steps: int, device: str = "cpu") -> float:
-    """Seconds per step of the sample code's loop (after 5 warm-up steps): CPU seconds, wall seconds on CUDA."""
+def sample_loop(data: Path, model_name, steps: int, device: str = "cpu", loader_workers: int = 0) -> float:
+    """Seconds per step of the sample code's loop (after 5 warm-up steps): CPU seconds, wall seconds on CUDA.
+    `model_name`: a key of MODELS or a models.ModelConfig; `loader_workers`: the DataLoader's worker processes
+    (the sample's config has 8; 0 here on a pinned CPU core, where they would only take turns with the loop)."""
     import math
     import random
 
@@ -122,10 +124,14 @@ def sample_loop(data: Path, model_name: str, steps: int, device: str = "cpu") ->
 
     torch.manual_seed(0)
     dataset = MyDataset(data)
-    loader = DataLoader(dataset, batch_size=32, shuffle=True, drop_last=True, collate_fn=collate_batch)
+    loader = DataLoader(dataset, batch_size=32, shuffle=True, drop_last=True, collate_fn=collate_batch,
+                        num_workers=loader_workers, pin_memory=device == "cuda")
     n_spks = dataset.get_speaker_number()
-    model = (Classifier(n_spks=n_spks) if model_name == "sample d80"
-             else Unmasked(ModelConfig(**MODELS[model_name]), n_spks)).to(device)
+    if model_name == "sample d80":
+        model = Classifier(n_spks=n_spks).to(device)
+    else:
+        cfg = ModelConfig(**MODELS[model_name]) if isinstance(model_name, str) else model_name
+        model = Unmasked(cfg, n_spks).to(device)
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = warmup_cosine(optimizer, 1000, 70000)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA checks, for a session lent a GPU machine (its image has torch; the rest comes as wheels in .whl/):
-# train() vs the sample loop on the GPU, then search -> predict -> status end to end through the CLI.
+# train() vs the sample loop on the GPU, K trials per GPU (issue 20), then search -> predict -> status end to end
+# through the CLI.
 #   bash bench/gpu_smoke.sh [OUT_DIR]
 set -uo pipefail
 out=${1:-/tmp/gpu_smoke}
@@ -15,6 +16,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi -L
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 python3 -m bench.bench_sample_loop --device cuda --steps 300 --rounds 1 2>&1 | tee "$out/throughput.txt"
+python3 -m bench.bench_gpu_packing --seconds 4 2>&1 | tee "$out/packing.txt"  # ~4 min: K = 1..8 per GPU, 3 models
 run() { echo "+ run-study $*"; /usr/bin/time -f "  %e s wall" python3 run_study.py "$@"; }
 run search studies/quickstart.toml -q 2>&1 | tee "$out/search.txt"
 run status studies/quickstart.toml 2>&1 | tee "$out/status.txt"

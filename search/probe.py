@@ -1,13 +1,19 @@
 """`--per-gpu auto`: how many workers should share a GPU, measured before the search (well under a minute).
 
 K = 1, 2, 4, ... processes train the study's first configuration on one GPU at the same time; K doubles while
-their total steps/s rises by at least 15% and 2K processes' peak memory (times a headroom for the space's larger
-models) fits what the GPU had free. The chosen K and every measured point are printed and stored on the study
-(user attr `per_gpu_probe`). Small models leave a GPU mostly idle in one process (59-136 steps/s on an H100,
-issue 10), so several per GPU is where the throughput is; how many is measured, not guessed.
+their total steps/s rises by at least 15% and 2K processes' memory (each one's peak reserved memory times a
+headroom for the space's larger models, plus its CUDA context) fits what the GPU had free. The chosen K and every
+measured point are printed and stored on the study (user attr `per_gpu_probe`). Small models leave a GPU mostly
+idle in one process (59-136 steps/s on an H100, issue 10), so several per GPU is where the throughput is; how many
+is measured, not guessed.
 
-Run as `python -m search.probe STUDY.toml --data DIR --steps N [--set ...]`, one probe process prints one JSON
-line: {"steps_per_s", "peak_gib", "free_gib"} (free_gib: the GPU's free memory before it allocated anything).
+The K processes wait for each other at a start barrier (their start-up, imports and CUDA context, takes seconds
+and differs between them), warm up for WARMUP_S, then count steps over the same WINDOW_S seconds: the speeds are
+those of K trainings that really overlap, not of processes that ran one after another.
+
+Run as `python -m search.probe STUDY.toml --data DIR [--set ...] [--seconds S] [--barrier DIR --k K]`, one probe
+process prints one JSON line: {"steps_per_s", "peak_gib", "free_gib"} (free_gib: the GPU's free memory before it
+allocated anything; peak_gib: its peak reserved memory plus CONTEXT_GIB).
 """
 from __future__ import annotations
 
@@ -16,13 +22,21 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from search.workers import apply_placement, placement_args, placements, thread_env
 
 GAIN = 1.15  # a doubling of K must give at least this much more total steps/s
 HEADROOM = 1.5  # the probed configuration's peak memory x this: room for larger models of the space
 MAX_K = 16
-PROBE_STEPS = 150
+WARMUP_S = 1.0  # not counted: CUDA kernels' first launches, the allocator growing
+WINDOW_S = 4.0  # counted, the same seconds in every process
+CONTEXT_GIB = 0.5  # a CUDA context's own memory, which torch's allocator does not count
+BARRIER_TIMEOUT_S = 300.0
 PROBE_ATTR = "per_gpu_probe"
 
 
@@ -30,8 +44,9 @@ PROBE_ATTR = "per_gpu_probe"
 class ProbePoint:
     k: int
     steps_per_s: float  # all K processes together
-    peak_gib: float  # the largest peak of one process (0 on a CPU)
+    peak_gib: float  # the largest of one process's peak reserved memory + CUDA context (0 on a CPU)
     free_gib: float | None = None  # the GPU's free memory before the K processes started (None: unknown)
+    window: tuple[float, float] | None = None  # the wall-clock seconds all K counted in (time.time())
 
 
 def choose_per_gpu(measure: Callable[[int], ProbePoint], max_k: int = MAX_K, gain: float = GAIN,
@@ -53,33 +68,82 @@ def choose_per_gpu(measure: Callable[[int], ProbePoint], max_k: int = MAX_K, gai
     return k, points, f"K={k} is the most probed"
 
 
-def measure_on(gpu: int | None, study_args: Sequence[str], steps: int = PROBE_STEPS) -> Callable[[int], ProbePoint]:
-    """measure(K): K probe processes at once on `gpu` (CUDA_VISIBLE_DEVICES; None: as this process sees it)."""
+def measure_on(gpu: int | None, study_args: Sequence[str], seconds: float = WINDOW_S,
+               n_gpus: int = 1) -> Callable[[int], ProbePoint]:
+    """measure(K): K probe processes at once on `gpu` (CUDA_VISIBLE_DEVICES; None: as this process sees it), each
+    on the cores and threads a worker gets when the search runs K per GPU on `n_gpus` GPUs (search/workers.py)."""
 
     def measure(k: int) -> ProbePoint:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-        cmd = [sys.executable, "-m", "search.probe", *study_args, "--steps", str(steps)]
-        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                  cwd=os.getcwd()) for _ in range(k)]
+        with tempfile.TemporaryDirectory(prefix="probe-") as barrier:
+            cmd = [sys.executable, "-m", "search.probe", *study_args, "--seconds", str(seconds),
+                   "--barrier", barrier, "--k", str(k)]
+            procs = [subprocess.Popen([*cmd, *placement_args(place)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env={**env, **thread_env(place.threads)}, cwd=os.getcwd())
+                     for place in placements(k * n_gpus)[:k]]
+            try:
+                outputs = [proc.communicate(timeout=BARRIER_TIMEOUT_S + 60 * seconds) for proc in procs]
+            finally:
+                for proc in procs:
+                    proc.kill()  # a failed one leaves the others at the barrier
         results = []
-        for proc in procs:
-            out, err = proc.communicate(timeout=600)
+        for proc, (out, err) in zip(procs, outputs, strict=True):
             if proc.returncode != 0:
                 lines = (err.strip() or out.strip() or f"exit code {proc.returncode}").splitlines()
                 raise RuntimeError(f"--per-gpu auto: a probe process failed: {lines[-1]}")
             results.append(json.loads(out.strip().splitlines()[-1]))
         free = [r["free_gib"] for r in results if r.get("free_gib") is not None]
+        starts = [r["window_start"] for r in results]
         return ProbePoint(k, sum(r["steps_per_s"] for r in results), max(r["peak_gib"] for r in results),
-                          min(free) if free else None)
+                          min(free) if free else None, (max(starts), min(starts) + seconds))
 
     return measure
 
 
+class _WindowDone(Exception):
+    pass
+
+
+class _Window:
+    """train()'s on_step: wait at the barrier, warm up, then count steps for `seconds` and stop training."""
+
+    def __init__(self, seconds: float, barrier: Path | None, k: int, sync: Callable[[], None]) -> None:
+        self.seconds, self.barrier, self.k, self.sync = seconds, barrier, k, sync
+        self.step, self.started, self.t0, self.n0 = 0, 0.0, None, 0
+        self.steps_per_s, self.window_start = 0.0, 0.0
+
+    def __call__(self) -> None:
+        if self.step == 0:
+            self._wait()
+            self.started = time.perf_counter()
+        self.step += 1
+        now = time.perf_counter()
+        if self.t0 is None:
+            if now - self.started >= WARMUP_S:
+                self.sync()
+                self.t0, self.n0, self.window_start = time.perf_counter(), self.step - 1, time.time()
+        elif now - self.t0 >= self.seconds:
+            self.sync()
+            self.steps_per_s = (self.step - 1 - self.n0) / (time.perf_counter() - self.t0)
+            raise _WindowDone
+
+    def _wait(self) -> None:
+        if self.barrier is None:
+            return
+        (self.barrier / f"ready-{os.getpid()}").touch()
+        deadline = time.monotonic() + BARRIER_TIMEOUT_S
+        while sum(1 for _ in self.barrier.glob("ready-*")) < self.k:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the other probe processes did not start within {BARRIER_TIMEOUT_S:.0f} s")
+            time.sleep(0.01)
+
+
 def record(study, k: int, points: list[ProbePoint], why: str) -> None:
     study.set_user_attr(PROBE_ATTR, {"per_gpu": k, "why": why,
-                                     "points": [{key: v for key, v in asdict(p).items() if v is not None}
+                                     "points": [{key: v for key, v in asdict(p).items()
+                                                 if v is not None and key != "window"}
                                                 for p in points]})
 
 
@@ -90,13 +154,18 @@ def describe(k: int, points: list[ProbePoint], why: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """One probe process: train the study's first configuration for --steps steps, print its speed."""
+    """One probe process: train the study's first configuration for a timed window, print its speed."""
     parser = argparse.ArgumentParser(prog="python -m search.probe")
     parser.add_argument("study")
     parser.add_argument("--data")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--steps", type=int, default=PROBE_STEPS)
+    parser.add_argument("--seconds", type=float, default=WINDOW_S)
+    parser.add_argument("--barrier", type=Path, help="a folder the K processes meet in before they start")
+    parser.add_argument("--k", type=int, default=1)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--cpus")
     args = parser.parse_args(argv)
+    apply_placement(args.threads, args.cpus)
     import torch
 
     from data import open_store
@@ -105,14 +174,20 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = load_spec(args.study, args.overrides)
     device = default_device()
-    free = torch.cuda.mem_get_info()[0] / 2**30 if device.type == "cuda" else None
+    cuda = device.type == "cuda"
+    free = torch.cuda.mem_get_info()[0] / 2**30 if cuda else None
     store = open_store(args.data or spec.data_path)
     cfg = spec.default_run_config()
-    steps = min(args.steps, cfg.train.max_steps)  # one evaluation, at the end; no time budget
-    cfg = replace(cfg, train=replace(cfg.train, max_steps=steps, valid_steps=steps, max_minutes=0.0))
-    result = train(cfg, store, device=device)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-    print(json.dumps({"steps_per_s": result.steps_per_s, "peak_gib": peak, "free_gib": free}))
+    # no evaluation and no time budget: the window stops it
+    cfg = replace(cfg, train=replace(cfg.train, max_steps=10**8, valid_steps=10**8, max_minutes=0.0))
+    window = _Window(args.seconds, args.barrier, args.k, torch.cuda.synchronize if cuda else (lambda: None))
+    try:
+        train(cfg, store, device=device, on_step=window)
+    except _WindowDone:
+        pass
+    peak = torch.cuda.max_memory_reserved() / 2**30 + CONTEXT_GIB if cuda else 0.0
+    print(json.dumps({"steps_per_s": window.steps_per_s, "peak_gib": peak, "free_gib": free,
+                      "window_start": window.window_start}))
     return 0
 
 

@@ -116,6 +116,16 @@ def placements(n_workers: int, gpus: Sequence[int] = ()) -> list[Placement]:
             for i in range(n_workers)]
 
 
+def placement_args(place: Placement) -> list[str]:
+    """The command-line options that give a process its place (apply_placement reads them back)."""
+    return ["--threads", str(place.threads), *(["--cpus", ",".join(map(str, place.cpus))] if place.cpus else [])]
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """OpenMP/MKL pools sized like torch's, before the process imports torch."""
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
 def gpu_env(gpu: int | None, gpus_used: bool) -> dict[str, str]:
     """A worker's CUDA_VISIBLE_DEVICES: its one GPU; '' (no GPU: the CPU) when GPUs are switched off."""
     if gpu is not None:
@@ -236,13 +246,11 @@ class Workers:
         base = [sys.executable, str(RUN_STUDY), *without_workers_option(argv)]
         self.placements = placements(n_workers, gpus or ())
         for i, place in enumerate(self.placements):
-            cmd = [*base, "--worker-id", str(i), "--threads", str(place.threads), "--parent", str(os.getpid())]
-            if place.cpus:
-                cmd += ["--cpus", ",".join(map(str, place.cpus))]
+            cmd = [*base, "--worker-id", str(i), *placement_args(place), "--parent", str(os.getpid())]
             if deadline is not None:
                 cmd += ["--deadline", repr(deadline)]
-            env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(place.threads),
-                   "MKL_NUM_THREADS": str(place.threads), **({} if gpus is None else gpu_env(place.gpu, bool(gpus)))}
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", **thread_env(place.threads),
+                   **({} if gpus is None else gpu_env(place.gpu, bool(gpus)))}
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
                                     bufsize=1, start_new_session=True)
             self.procs.append(proc)

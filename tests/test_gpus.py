@@ -1,6 +1,11 @@
 """GPU placement on a machine without one: which GPU each worker gets, the one-line refusals, what a trial
 records and `status` shows. (The GPUs themselves are exercised by bench/gpu_smoke.sh on a lent GPU.)"""
+import json
 import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
 
 import optuna
 import pytest
@@ -14,6 +19,8 @@ from search.status import study_status
 from search.workers import Workers, parse_gpus, parse_per_gpu, parse_workers, placements
 from tests.conftest import write_study
 from tests.test_cli import FAST
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_workers_are_spread_over_the_gpus_k_per_gpu_with_the_cores_split_as_without(monkeypatch):
@@ -129,10 +136,30 @@ def test_per_gpu_auto_doubles_while_steps_per_s_rise_15_percent_and_memory_fits(
 
 def test_a_probe_measures_k_processes_at_once_with_the_studys_first_configuration(tmp_path, tiny_synthetic):
     study = write_study(tmp_path / "p.toml", FAST)
-    point = measure_on(None, [str(study), "--data", str(tiny_synthetic)], steps=20)(2)
+    point = measure_on(None, [str(study), "--data", str(tiny_synthetic)], seconds=1.0)(2)
     assert point.k == 2 and point.steps_per_s > 0 and point.peak_gib == 0.0 and point.free_gib is None  # CPU here
     with pytest.raises(RuntimeError, match="a probe process failed: .*no_such_key"):
-        measure_on(None, [str(study), "--data", str(tiny_synthetic), "--set", "train.no_such_key=1"], steps=5)(1)
+        measure_on(None, [str(study), "--data", str(tiny_synthetic), "--set", "train.no_such_key=1"])(1)
+
+
+def test_a_probe_process_counts_steps_only_once_all_k_have_started(tmp_path, tiny_synthetic):
+    """The barrier: a probe process of K=2 waits for the second one (here: this test, 2 s late) before its
+    counted window starts, so K processes' speeds are those of K trainings that overlap."""
+    study, barrier = write_study(tmp_path / "p.toml", FAST), tmp_path / "barrier"
+    barrier.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "search.probe", str(study), "--data", str(tiny_synthetic),
+                             "--seconds", "0.5", "--barrier", str(barrier), "--k", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    while not list(barrier.glob("ready-*")):  # it has started up and waits
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.05)
+    time.sleep(2.0)
+    released = time.time()
+    (barrier / "ready-test").touch()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["window_start"] >= released + 0.9 and result["steps_per_s"] > 0  # released, then 1 s warm-up
 
 
 def test_per_gpu_auto_without_a_gpu_is_one_line(tmp_path, tiny_synthetic, capsys):
@@ -140,3 +167,15 @@ def test_per_gpu_auto_without_a_gpu_is_one_line(tmp_path, tiny_synthetic, capsys
     assert run_study.main(["search", str(study), "--data", str(tiny_synthetic), "--per-gpu", "auto"]) == 2
     assert "--per-gpu auto: there is no GPU to probe" in capsys.readouterr().err
     assert not (tmp_path / "a.db").exists()
+
+
+def test_the_gpu_packing_bench_reads_utilisation_and_memory_inside_the_counted_window_only():
+    from bench.bench_gpu_packing import GpuMonitor
+
+    monitor = GpuMonitor(None)
+    monitor.out = ("2026/12/02 10:00:00.000, 5, 1024\n"  # start-up: not counted
+                   "2026/12/02 10:00:01.000, 80, 4096\n2026/12/02 10:00:01.200, 90, 6144\n"
+                   "[N/A], [N/A], [N/A]\n2026/12/02 10:00:03.000, 0, 512\n")
+    start = datetime(2026, 12, 2, 10, 0, 0, 500000).timestamp()
+    assert monitor.within(start, start + 1.0) == (85.0, 6.0)
+    assert monitor.within(start + 5, start + 6) == (None, None)
