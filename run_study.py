@@ -9,6 +9,7 @@ unreachable past study.storage_outage_s, or is damaged; 5 disk full; 130 / 143 s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 from pathlib import Path
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.done:
             print(f"interrupted ({name}) after the work was done; everything is stored", file=sys.stderr)
             return 0
-        if args.command not in ("search", "ablate"):
+        if args.command not in ("search", "ablate", "explain"):
             print(f"interrupted ({name})", file=sys.stderr)
         elif getattr(args, "worker_id", None) is None:  # workers stay quiet: their parent says it once
             print(f"interrupted ({name}): running trials are marked failed (reason 'interrupted') and rerun by "
@@ -78,8 +79,9 @@ def env_overrides(command: str) -> list[str]:
     import shlex
 
     items = shlex.split(os.environ.get(ENV_SET, ""))
-    if command == "train":
-        items = [item for item in items if item.partition(".")[0].strip() in ("model", "train", "data")]
+    if command in ("train", "explain"):  # explain: train.* for its runs, study.*/data.* to find the search
+        keep = ("model", "train", "data") if command == "train" else ("study", "train", "data")
+        items = [item for item in items if item.partition(".")[0].strip() in keep]
     return items
 
 
@@ -144,6 +146,21 @@ def _parser() -> argparse.ArgumentParser:
                        epilog=example("run-study ablate studies/boss_ablation.toml --workers 2"))
     _add_run_options(p, "ablation study file, e.g. studies/boss_ablation.toml", "ablation.seeds=[0,1,2]")
     p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("explain", help="why a search's best trial wins: it again with each choice put back to a "
+                                       "reference (or a greedy path to it), over seeds, paired, in one table",
+                       epilog=example("run-study explain studies/quickstart.toml --seeds 5 --dry-run",
+                                      "run-study explain studies/quickstart.toml --seeds 5 --workers auto"))
+    _add_run_options(p, "the search's study file, e.g. studies/quickstart.toml", "train.max_steps=2000")
+    p.add_argument("--trial", default="best", metavar="best|N", help="the trial to explain (default: the best)")
+    p.add_argument("--reference", default="sample", metavar="sample|FILE.toml",
+                   help="what each choice is put back to: the official sample config's values (default) or a "
+                        "study file's; keys it does not set take the search space's first choice")
+    p.add_argument("--seeds", type=int, default=5, help="seeds per variant, paired (default 5; 6+ for a Wilcoxon "
+                                                        "p that can go below 0.05)")
+    next(a for a in p._actions if a.dest == "dry_run").help = ("list the variants and their cost, train nothing "
+                                                                "(with --slurm: print the batch script)")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("report", help="print a study's top trials (or ablation table), or several studies side by "
                                       "side, and write Markdown, CSV, LaTeX, offline HTML with figures",
@@ -311,14 +328,82 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         return study
 
     def setup(study) -> None:
-        queued = enqueue_missing_cells(study, ablation, rows)
+        queued = enqueue_missing_cells(study, ablation.seeds, rows)
         print(f"{queued} cell(s) queued of {len(rows) * len(ablation.seeds)}")
 
     return _run(args, ablation.study, None, setup,
-                lambda study, store, deadline, artifacts: run_ablation(study, ablation, rows, store, deadline,
-                                                                         artifact_store=artifacts), top=0,
+                lambda study, store, deadline, artifacts: run_ablation(
+                    study, ablation.study, ablation.seeds, rows, store, deadline, artifact_store=artifacts), top=0,
                 target=lambda: len(rows) * len(ablation.seeds),
                 open_study=open_study)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from search import explain as ex
+    from search.ablation import enqueue_missing_cells, open_cells, run_ablation
+    from search.spec import load_spec
+    from search.storage import load_existing_study
+    from search.studyfile import SpecError
+
+    _check_positive("--seeds", args.seeds)
+    runs = [item for item in args.overrides if item.partition(".")[0].strip() == "train"]
+    other = [item for item in args.overrides if item not in runs]
+    bad = [item for item in other if item.partition(".")[0].strip() not in ("study", "data")]
+    if bad:
+        raise SpecError(f"--set {bad[0]}: explain takes train.KEY=VALUE (applied to every variant it runs) and "
+                        "study.KEY / data.KEY (to find the search); the model keys are the winner's")
+    spec = load_spec(args.study, other)
+    url = args.storage or spec.storage_url
+    source = load_existing_study(spec.name, url)
+    trial = ex.chosen_trial(source, args.trial, spec.path)
+    if args.trial == "best" and args.worker_id is None:
+        args.argv = [*args.argv, "--trial", str(trial.number)]  # workers explain this trial, whatever ends best
+    explanation = ex.explain(spec, trial, args.reference, args.seeds, _train_values(spec, runs))
+    if not explanation.factors:
+        raise SpecError(f"trial {trial.number} of {spec.name!r} takes the reference's value for every searched key; "
+                        "there is nothing to explain (try --reference FILE.toml)")
+    rows = explanation.loo_rows()
+    name = ex.study_name(spec.name, trial.number)
+    if args.dry_run and args.slurm is None:
+        print(ex.describe(explanation, rows, trial, name, args.workers))
+        return 0
+    explain_spec = dataclasses.replace(spec, name=name, storage=url)  # the search's storage, beside it
+    if args.slurm is not None:
+        return _submit(args, explain_spec)
+
+    def open_study(url: str, fingerprint: str, wait: bool):
+        if source.user_attrs.get("data_fingerprint") not in (None, fingerprint):
+            raise SpecError(f"study {spec.name!r} was searched on other data (fingerprint "
+                            f"{source.user_attrs['data_fingerprint']}, now {fingerprint}); explain it on its own data")
+        return open_cells(explain_spec, rows, explanation.seeds, explanation.identity(), url, fingerprint, wait,
+                          {ex.EXPLAIN_ATTR: explanation.attr()})
+
+    def setup(study) -> None:
+        print(ex.describe(explanation, rows, trial, name, args.workers, short=True))
+        queued = enqueue_missing_cells(study, explanation.seeds, rows)
+        print(f"{queued} cell(s) queued of {len(rows) * len(explanation.seeds)}")
+
+    return _run(args, explain_spec, None, setup,
+                lambda study, store, deadline, artifacts: run_ablation(
+                    study, explain_spec, explanation.seeds, rows, store, deadline, artifact_store=artifacts), top=0,
+                target=lambda: len(rows) * len(explanation.seeds), open_study=open_study)
+
+
+def _train_values(spec, items: list[str]) -> dict:
+    """explain's --set train.KEY=VALUE items as {KEY: value}, parsed as the study file's own values are."""
+    from search.ablation import TRAIN_KEYS
+    from search.studyfile import SpecError, load_raw
+
+    _, raw = load_raw(spec.path, items)
+    values = {}
+    for item in items:
+        key = item.partition("=")[0].strip().partition(".")[2]
+        if key not in TRAIN_KEYS:
+            raise SpecError(f"--set {item}: unknown key train.{key}; valid: {', '.join(sorted(TRAIN_KEYS))}")
+        if isinstance(raw["train"].get(key), (list, dict)):
+            raise SpecError(f"--set {item}: explain runs fixed configurations; give one value")
+        values[key] = raw["train"][key]
+    return values
 
 
 def _submit(args, spec) -> int:

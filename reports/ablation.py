@@ -6,6 +6,7 @@ import math
 import optuna
 import pandas as pd
 
+from reports import explain
 from reports.document import Report, Section
 from reports.figures import ablation_figures, learning_curves
 from reports.stats import ACCURACY_RANGE, CUT_MARK, DELTA_RANGE, ablation_table
@@ -92,7 +93,16 @@ def ablation_report(study: optuna.Study) -> Report:
                 table=by_seed, index=True, floatfmt=".4f"),
     ]
     figures = ablation_figures(cells, table) + learning_curves(study)  # labelled curves: the dashboard's are not
-    return Report(title, sections, figures, csv=table, tex=display)  # LaTeX: the table as read, and by seed
+    attr = explain.explanation(study)
+    if attr is None:
+        return Report(title, sections, figures, csv=table, tex=display)  # LaTeX: the table as read, and by seed
+    # an explain: its choices' table first (the CSV and LaTeX too), the variants' table and cells after it
+    frame = explain.contributions(attr, table)
+    winner = table.loc[table["variant"] == study.user_attrs["baseline_row"], "mean"]
+    caveat = explain.LOO_CAVEAT + (" " + TOO_FEW_SEEDS if frame["too_few_seeds"].any() else "")
+    top = explain.explain_section(attr, frame, winner.iloc[0] if len(winner) else None, format_p, FLAG_MARK, caveat)
+    return Report(f"Why trial {attr['trial']} of `{attr['source']}` wins", [top, *sections],
+                  explain.contribution_figure(frame) + figures, csv=frame, tex=top.table)
 
 
 def legend(display: pd.DataFrame, baseline: str | None) -> str:

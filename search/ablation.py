@@ -124,19 +124,27 @@ def identity(ablation: AblationSpec, rows: dict[str, RunConfig]) -> dict[str, An
 
 def open_ablation(ablation: AblationSpec, storage: str, data_fingerprint: str, wait: bool = False
                   ) -> tuple[optuna.Study, dict[str, RunConfig]]:
-    """Create or resume the ablation's study (no pruning: every cell trains its full budget) and mark it
-    as an ablation, with its rows and seeds, for the report."""
+    """Create or resume the ablation's study and mark it as an ablation, with its rows and seeds, for the report."""
     rows = ablation.rows(baseline_config(ablation, storage))
-    spec = dataclasses.replace(ablation.study, pruner={"name": "none"})
-    study = create_or_resume(spec, storage, data_fingerprint, identity(ablation, rows), wait=wait)
+    return open_cells(ablation.study, rows, ablation.seeds, identity(ablation, rows), storage, data_fingerprint,
+                      wait), rows
+
+
+def open_cells(spec: StudySpec, rows: dict[str, RunConfig], seeds: tuple[int, ...], ident: dict[str, Any],
+               storage: str, data_fingerprint: str, wait: bool = False, attrs: dict[str, Any] | None = None
+               ) -> optuna.Study:
+    """Create or resume a study of (row, seed) cells (no pruning: every cell trains its full budget); the first
+    row is the one the others are compared with. `attrs`: more study user attrs (an explain's factors)."""
+    spec = dataclasses.replace(spec, pruner={"name": "none"})
+    study = create_or_resume(spec, storage, data_fingerprint, ident, wait=wait)
     for key, value in (("kind", "ablation"), ("rows", list(rows)), ("baseline_row", next(iter(rows))),
-                       ("seeds", list(ablation.seeds))):
+                       ("seeds", list(seeds)), *(attrs or {}).items()):
         if study.user_attrs.get(key) != value:  # workers opening the study at once write nothing
             study.set_user_attr(key, value)
-    return study, rows
+    return study
 
 
-def enqueue_missing_cells(study: optuna.Study, ablation: AblationSpec, rows: dict[str, RunConfig]) -> int:
+def enqueue_missing_cells(study: optuna.Study, seeds: tuple[int, ...], rows: dict[str, RunConfig]) -> int:
     """Queue every (row, seed) cell that has no complete, running or queued trial; return how many.
 
     Called once per command, holding the study's gate (search.runner.gate): a cell that fails again in
@@ -145,14 +153,15 @@ def enqueue_missing_cells(study: optuna.Study, ablation: AblationSpec, rows: dic
     retry_interrupted(study)  # an interrupted cell comes back as its retry, which resumes from its checkpoint
     taken = {cell_of(t) for t in study.get_trials(deepcopy=False, states=(
         TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))}
-    todo = [(row, seed) for row in rows for seed in ablation.seeds if (row, seed) not in taken]
+    todo = [(row, seed) for row in rows for seed in seeds if (row, seed) not in taken]
     for row, seed in todo:
         study.enqueue_trial({"variant": row}, user_attrs={"seed": seed})
     return len(todo)
 
 
-def run_ablation(study: optuna.Study, ablation: AblationSpec, rows: dict[str, RunConfig], store: PackedStore,
-                 deadline: float | None = None, log: Callable[[str], None] = print, artifact_store=None) -> RunStats:
+def run_ablation(study: optuna.Study, spec: StudySpec, seeds: tuple[int, ...], rows: dict[str, RunConfig],
+                 store: PackedStore, deadline: float | None = None, log: Callable[[str], None] = print,
+                 artifact_store=None) -> RunStats:
     """Train queued cells until every cell is complete or nothing is left to run (see enqueue_missing_cells)."""
 
     def objective(trial: optuna.Trial) -> float:
@@ -165,7 +174,6 @@ def run_ablation(study: optuna.Study, ablation: AblationSpec, rows: dict[str, Ru
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
         return train_trial(trial, cfg, store, artifact_store, log)
 
-    spec = ablation.study
-    cells = [(row, seed) for row in rows for seed in ablation.seeds]
+    cells = [(row, seed) for row in rows for seed in seeds]
     return run_trials(study, objective, ablation_plan(cells), deadline, spec.max_failures_in_row,
                       poll_s=min(5.0, spec.heartbeat_interval), log=log)

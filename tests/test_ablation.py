@@ -71,8 +71,8 @@ def _start(tmp_path, store, overrides=()):
 
 def _run(study, ablation, rows, store) -> int:
     """What `run-study ablate` does: queue the missing cells, then run the queue; returns the cells run."""
-    enqueue_missing_cells(study, ablation, rows)
-    return run_ablation(study, ablation, rows, store).ran
+    enqueue_missing_cells(study, ablation.seeds, rows)
+    return run_ablation(study, ablation.study, ablation.seeds, rows, store).ran
 
 
 def test_ablation_runs_every_cell_once_and_a_resume_reruns_nothing(tmp_path, tiny_store):
@@ -118,7 +118,7 @@ def test_an_ablation_stored_with_seed_as_a_param_resumes_and_reports(tmp_path, t
     dist = {"variant": CategoricalDistribution(list(rows)), "seed": CategoricalDistribution([0, 1])}
     for i, (row, seed) in enumerate((r, s) for r in rows for s in (0, 1)):
         study.add_trial(create_trial(params={"variant": row, "seed": seed}, distributions=dist, value=0.5 + i / 100))
-    assert enqueue_missing_cells(study, ablation, rows) == 0
+    assert enqueue_missing_cells(study, ablation.seeds, rows) == 0
     text, _ = write_report(study, tmp_path / "out")
     assert "0.5000" in text and "| wide " in text
 

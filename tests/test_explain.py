@@ -1,0 +1,143 @@
+"""run-study explain: the winner's choices against a reference, each put back in turn, over paired seeds."""
+import csv
+import dataclasses
+import signal
+import statistics
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+import run_study
+from search.attrs import run_config_of
+from search.cells import cell_of
+from search.explain import explain
+from search.spec import load_spec
+from search.studyfile import SpecError
+from tests.conftest import write_study
+from tests.test_workers import start, trials, wait_for
+
+SPACE = """
+[model]
+d_model = [16, 24]
+nhead = 2
+ff_mult = 2.0
+pooling = ["attention", "mean"]
+loss = ["am_softmax", "ce"]
+[model.when.loss.am_softmax]
+classifier = "cosine"
+scale = 16.0
+margin = { low = 0.1, high = 0.3 }
+[train]
+max_steps = 40
+valid_steps = 20
+warmup_steps = 5
+segment_len = 32
+batch_size = 16
+lr = { low = 1e-3, high = 5e-3, log = true }
+"""
+
+
+def a_search(tmp_path, store, **model):
+    """A search study holding one complete trial with the space's first point (changed by `model`): the winner."""
+    path = write_study(tmp_path / "s.toml", SPACE)
+    spec = load_spec(path)
+    cfg = spec.default_run_config()  # d_model 16, attention, am_softmax (cosine, margin 0.1), lr 1e-3
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model))
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(study_name="s", storage=url, direction="maximize")
+    study.set_user_attr("data_fingerprint", store.fingerprint)
+    study.add_trial(create_trial(value=0.5, params={"lr": 1e-3}, distributions={"lr": FloatDistribution(1e-3, 5e-3,
+                                                                                                        log=True)},
+                                 user_attrs={"run_config": cfg.to_shown_dict(), "steps_run": 40, "steps_per_s": 80.0}))
+    return path, url, study.trials[0]
+
+
+def test_a_parent_goes_back_with_its_conditional_keys_and_a_branch_key_of_the_same_branch_is_its_own(tmp_path,
+                                                                                                      tiny_store):
+    path, _, trial = a_search(tmp_path, tiny_store, margin=0.25)
+    e = explain(load_spec(path), trial, "sample", 3, {})
+    assert [f.name for f in e.factors] == ["d_model", "pooling", "loss"]  # lr 1e-3 is the sample's: not a factor
+    rows = e.loo_rows()
+    ce = rows["loss = ce"].model
+    assert (ce.loss, ce.classifier) == ("ce", "linear") and rows["winner"].model.classifier == "cosine"
+    assert rows["d_model = 80"].model.d_model == 80 and rows["pooling = mean"].model.pooling == "mean"
+    assert all(r.train.max_steps == 40 and r.train.max_minutes == 0 for r in rows.values())  # the winner's steps
+    # the reference itself: a search whose loss is the sample's (ce) has no loss factor, and margin is no factor
+    reference = write_study(tmp_path / "ref.toml", '[model]\nd_model = 16\nloss = "am_softmax"\nmargin = 0.1\n')
+    same = explain(load_spec(path), trial, str(reference), 2, {"max_steps": 30})
+    assert [(f.name, f.winner, f.reference) for f in same.factors] == [("margin", 0.25, 0.1)]
+    assert same.loo_rows()["margin = 0.1"].train.max_steps == 30 and same.seeds == (0, 1)
+
+
+def test_d_model_and_nhead_go_back_together_where_one_alone_would_not_divide(tmp_path):
+    spec = load_spec(write_study(tmp_path / "h.toml", SPACE.replace("nhead = 2", "nhead = [2, 3]").replace(
+        "d_model = [16, 24]", "d_model = [96, 192]")))
+    cfg = spec.default_run_config()
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, d_model=192, nhead=3))
+    trial = create_trial(value=0.8, user_attrs={"run_config": cfg.to_shown_dict()})
+    factors = {f.name: f for f in explain(spec, trial, "sample", 2, {}).factors}  # the sample's 80 / 3: no
+    assert "d_model" not in factors and factors["d_model/nhead"].back == {"d_model": 80, "nhead": 2}
+
+
+def test_bad_explain_input_is_one_line_and_dry_run_lists_the_variants_and_their_cost(tmp_path, tiny_store,
+                                                                                        tiny_synthetic, capsys):
+    path, url, _ = a_search(tmp_path, tiny_store)
+    base = ["explain", str(path), "--data", str(tiny_synthetic), "--storage", url]
+    for extra, message in [(["--trial", "7"], "no complete trial 7; complete trials: 0"),
+                           (["--set", "model.d_model=8"], "explain takes train.KEY=VALUE"),
+                           (["--set", "train.nope=1"], "unknown key train.nope"),
+                           (["--reference", "none.toml"], "--reference none.toml: no such file"),
+                           (["--seeds", "0"], "--seeds")]:
+        assert run_study.main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert run_study.main([*base, "--seeds", "4", "--dry-run", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "4 variants x 4 seeds = 16 cells of 40 steps, in study 's-explain-t0'" in out
+    assert any(line.split() == "loss = ce puts back loss: am_softmax -> ce (with classifier, margin, scale)".split()
+               for line in out.splitlines()), out
+    assert "at the winner's 80.0 steps/s" in out
+    assert optuna.get_all_study_names(url) == ["s"]  # nothing created
+
+
+def test_explain_resumes_after_sigint_with_no_cell_trained_twice_and_its_numbers_are_the_stored_trials(
+        tmp_path, tiny_store, tiny_synthetic):
+    path, url, _ = a_search(tmp_path, tiny_store)
+    args = ("explain", str(path), "--data", str(tiny_synthetic), "--storage", url, "--seeds", "2",
+            "--set", "train.max_steps=200", "--set", "train.valid_steps=50")
+    proc = start(*args, cwd=tmp_path)
+    name = "s-explain-t0"
+    wait_for(lambda ts: any(t.state == TrialState.COMPLETE for t in ts)
+             and any(t.state == TrialState.RUNNING and run_config_of(t) for t in ts), name, url)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    done_before = {t.number for t in trials(name, url) if t.state == TrialState.COMPLETE}
+    rerun = start(*args, cwd=tmp_path)
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err + out
+    ts = trials(name, url)
+    complete = [t for t in ts if t.state == TrialState.COMPLETE]
+    cells = [cell_of(t) for t in complete]
+    assert len(cells) == len(set(cells)) == 8 and done_before <= {t.number for t in complete}
+    assert [t.user_attrs.get("fail_reason") for t in ts if t.state == TrialState.FAIL] == ["interrupted"]
+    # an independent reading of the stored trials: contribution = mean over seeds of (winner - row)
+    value = {cell_of(t): t.value for t in complete}
+    with open(tmp_path / "s.results" / f"{name}.csv") as f:
+        table = {r["parameter"]: r for r in csv.DictReader(f)}
+    assert set(table) == {"d_model", "pooling", "loss"}
+    for r in table.values():
+        expected = statistics.mean(value["winner", s] - value[r["row"], s] for s in (0, 1))
+        assert float(r["contribution"]) == pytest.approx(expected, abs=1e-12)
+    ce = next(t for t in complete if cell_of(t)[0] == "loss = ce")
+    assert run_config_of(ce)["model"]["classifier"] == "linear" and "margin" not in run_config_of(ce)["model"]
+
+
+def test_explain_refuses_a_search_with_no_complete_trial(tmp_path):
+    path = write_study(tmp_path / "e.toml", SPACE)
+    url = f"sqlite:///{tmp_path / 'e.db'}"
+    optuna.create_study(study_name="e", storage=url)
+    with pytest.raises(SpecError, match="has no complete trial to explain yet"):
+        run_study.cmd_explain(run_study._parser().parse_args(["explain", str(path), "--storage", url]))
