@@ -16,6 +16,7 @@ from search.explain import explain
 from search.spec import load_spec
 from search.studyfile import SpecError
 from tests.conftest import write_study
+from tests.test_cli import FAST
 from tests.test_workers import start, trials, wait_for
 
 SPACE = """
@@ -29,14 +30,7 @@ loss = ["am_softmax", "ce"]
 classifier = "cosine"
 scale = 16.0
 margin = { low = 0.1, high = 0.3 }
-[train]
-max_steps = 40
-valid_steps = 20
-warmup_steps = 5
-segment_len = 32
-batch_size = 16
-lr = { low = 1e-3, high = 5e-3, log = true }
-"""
+""" + FAST[FAST.index("[train]"):]  # max_steps 40, lr { low = 1e-3, ... }
 
 
 def a_search(tmp_path, store, **model):
