@@ -29,15 +29,18 @@ DIFFS = {"baseline": [0.0] * 6, "attention": [0.05, 0.051, 0.049, 0.05, 0.052, 0
          "attention + am_softmax": [-0.01, -0.012, -0.008, -0.011, -0.009, -0.0105]}
 
 
-def ablation_study(url: str, name: str = "boss_ablation") -> optuna.Study:
+def ablation_study(url: str, name: str = "boss_ablation", names: dict[str, str] | None = None) -> optuna.Study:
     """4 variants x 6 seeds as run_ablation stores them: study attrs kind/rows/baseline_row/seeds, each cell a
-    complete trial with param `variant`, user attr `seed` and a learning curve whose peak is the trial's value."""
+    complete trial with param `variant`, user attr `seed` and a learning curve whose peak is the trial's value.
+    `names`: the rows' names (ROWS -> name), e.g. an explain's."""
+    names = names or {row: row for row in ROWS}
     study = optuna.create_study(study_name=name, storage=url, direction="maximize")
-    for key, value in (("kind", "ablation"), ("rows", ROWS), ("baseline_row", "baseline"), ("seeds", SEEDS)):
+    rows = [names[row] for row in ROWS]
+    for key, value in (("kind", "ablation"), ("rows", rows), ("baseline_row", rows[0]), ("seeds", SEEDS)):
         study.set_user_attr(key, value)
-    dist = {"variant": CategoricalDistribution(ROWS)}
+    dist = {"variant": CategoricalDistribution(rows)}
     study.add_trials([
-        create_trial(params={"variant": row}, distributions=dist, value=BASE[seed] + DIFFS[row][seed],
+        create_trial(params={"variant": names[row]}, distributions=dist, value=BASE[seed] + DIFFS[row][seed],
                      user_attrs={"seed": seed},
                      intermediate_values={100: 0.2, 200: BASE[seed] + DIFFS[row][seed], 300: 0.25})
         for row in ROWS for seed in SEEDS])
@@ -178,3 +181,26 @@ def test_an_unbreakable_column_wider_than_the_page_is_resized_as_a_last_resort(t
     assert made.resized and made.latex.count("\\resizebox") == 1 and "\\begin{tabular}{p{" in made.latex
     (tmp_path / "t.tex").write_text("% requires \\usepackage{booktabs} \\usepackage{graphicx}\n" + made.latex)
     _compile(tmp_path, [tmp_path / "t.tex"], "")
+
+
+
+def test_an_explain_report_compiles_and_its_pdf_shows_the_csvs_numbers(tmp_path):
+    """An explain study (search/explain.py: an ablation with the study attr `explain`): its .tex compiles in a
+    minimal article with booktabs, and the PDF's text carries each choice's contribution and CI as the CSV has them."""
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    names = {"baseline": "winner", "attention": "pooling = mean", "am_softmax": "loss = ce",
+             "attention + am_softmax": "d_model = 80"}
+    study = ablation_study(url, "s-explain-t3", names)
+    study.set_user_attr("explain", {"source": "s", "trial": 3, "reference": "sample", "plan": "leave_one_out",
+                                    "factors": [{"name": row.split(" = ")[0], "winner": "w",
+                                                 "reference": row.split(" = ")[1], "row": row}
+                                                for row in list(names.values())[1:]]})
+    out = _report(tmp_path, "s-explain-t3", url, "tex,csv")
+    _compile(out, [out / "s-explain-t3.tex"], "a4paper")
+    text = subprocess.run(["pdftotext", "-layout", str(out / "doc.pdf"), "-"], capture_output=True, text=True,
+                          check=True).stdout.replace("\u2212", "-")
+    csv = pd.read_csv(out / "s-explain-t3.csv")
+    # contribution = winner - row, largest first: d_model's row is 0.0101 below the winner, pooling's 0.05 above
+    assert list(csv["parameter"]) == ["d_model", "loss", "pooling"]
+    for r in csv.itertuples():
+        assert f"{r.contribution:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}]" in text, (r, text)
