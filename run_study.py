@@ -341,6 +341,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from search import explain as ex
     from search.ablation import enqueue_missing_cells, open_cells, run_ablation
+    from search.cells import EXPLAIN_ATTR
     from search.spec import load_spec
     from search.storage import load_existing_study
     from search.studyfile import SpecError
@@ -376,7 +377,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             raise SpecError(f"study {spec.name!r} was searched on other data (fingerprint "
                             f"{source.user_attrs['data_fingerprint']}, now {fingerprint}); explain it on its own data")
         return open_cells(explain_spec, rows, explanation.seeds, explanation.identity(), url, fingerprint, wait,
-                          {ex.EXPLAIN_ATTR: explanation.attr()})
+                          {EXPLAIN_ATTR: explanation.attr()})
 
     def setup(study) -> None:
         print(ex.describe(explanation, rows, trial, name, args.workers, short=True))

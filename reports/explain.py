@@ -11,8 +11,8 @@ import plotly.graph_objects as go
 
 from reports.document import Section
 from reports.figures import METRIC, Figures
+from search.cells import EXPLAIN_ATTR
 
-EXPLAIN_ATTR = "explain"  # = search.explain.EXPLAIN_ATTR (this module must not import torch)
 LOO_CAVEAT = ("What these numbers cannot show: each row puts one choice back and keeps all the winner's others, so it "
               "measures what the winner loses without that choice given the rest; two choices that help only "
               "together, or that stand in for each other, can each look small here (interactions).")

@@ -5,6 +5,8 @@ from typing import Any
 
 from optuna.trial import FrozenTrial
 
+EXPLAIN_ATTR = "explain"  # an explain study's user attr: its trial, reference and choices (search/explain.py)
+
 
 def cell_of(trial: FrozenTrial) -> tuple[Any, Any] | None:
     """An ablation trial's (variant, seed): the param `variant` (for a queued trial, the one it was enqueued

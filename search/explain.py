@@ -32,7 +32,6 @@ from search.studyfile import SpecError, load_raw
 SAMPLE = Path(__file__).resolve().parent.parent / "studies" / "sample.toml"
 WINNER = "winner"
 MODEL_KEYS = {f.name for f in fields(ModelConfig)} | {"head_dim"}
-EXPLAIN_ATTR = "explain"  # = reports.explain.EXPLAIN_ATTR
 
 
 @dataclass(frozen=True)
@@ -115,19 +114,17 @@ def reference_values(reference: str) -> tuple[str, dict[str, Any]]:
             if key not in ("when", "seed"):  # a list or range: its first candidate, as the space's default
                 values[key] = value[0] if isinstance(value, list) else value.get("low") if isinstance(
                     value, dict) else value
-    return ("sample" if reference == "sample" else str(path)), values
+    return reference, values
 
 
 def explain(spec: StudySpec, trial: FrozenTrial, reference: str, seeds: int, train_overrides: dict[str, Any]
             ) -> Explanation:
     """The factors of `trial` against the reference, and the winner run as the explain's rows train it."""
     winner = RunConfig.from_dict(run_config_of(trial))
-    steps = int(trial.user_attrs.get("steps_run") or winner.train.max_steps)
+    steps = train_overrides.get("max_steps") or int(trial.user_attrs.get("steps_run") or winner.train.max_steps)
     budget = {"max_steps": steps, "max_minutes": 0.0, "valid_steps": min(winner.train.valid_steps, steps)}
     try:
         train = dataclasses.replace(winner.train, **{**budget, **train_overrides})
-        if "max_steps" in train_overrides and "valid_steps" not in train_overrides:
-            train = dataclasses.replace(train, valid_steps=min(winner.train.valid_steps, train.max_steps))
     except (TypeError, ConfigError) as err:
         raise SpecError(f"--set: {err}") from None
     winner = dataclasses.replace(winner, train=train)

@@ -80,17 +80,23 @@ def measure_on(gpu: int | None, study_args: Sequence[str], seconds: float = WIND
         with tempfile.TemporaryDirectory(prefix="probe-") as barrier:
             cmd = [sys.executable, "-m", "search.probe", *study_args, "--seconds", str(seconds),
                    "--barrier", barrier, "--k", str(k)]
-            procs = [subprocess.Popen([*cmd, *placement_args(place)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, env={**env, **thread_env(place.threads)}, cwd=os.getcwd())
-                     for place in placements(k * n_gpus)[:k]]
+            logs = [(Path(barrier) / f"out-{i}", Path(barrier) / f"err-{i}") for i in range(k)]
+            procs = []
+            for place, (out, err) in zip(placements(k * n_gpus)[:k], logs, strict=True):
+                with out.open("w") as stdout, err.open("w") as stderr:
+                    procs.append(subprocess.Popen([*cmd, *placement_args(place)], stdout=stdout, stderr=stderr,
+                                                  text=True, env={**env, **thread_env(place.threads)},
+                                                  cwd=os.getcwd()))
             try:
-                outputs = [proc.communicate(timeout=BARRIER_TIMEOUT_S + 60 * seconds) for proc in procs]
+                _wait_all(procs, BARRIER_TIMEOUT_S + 60 * seconds)
             finally:
                 for proc in procs:
                     proc.kill()  # a failed one leaves the others at the barrier
+                    proc.wait()
+            outputs = [(out.read_text(), err.read_text()) for out, err in logs]
         results = []
         for proc, (out, err) in zip(procs, outputs, strict=True):
-            if proc.returncode != 0:
+            if proc.returncode:
                 lines = (err.strip() or out.strip() or f"exit code {proc.returncode}").splitlines()
                 raise RuntimeError(f"--per-gpu auto: a probe process failed: {lines[-1]}")
             results.append(json.loads(out.strip().splitlines()[-1]))
@@ -100,6 +106,15 @@ def measure_on(gpu: int | None, study_args: Sequence[str], seconds: float = WIND
                           min(free) if free else None, (max(starts), min(starts) + seconds))
 
     return measure
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout: float) -> None:
+    """Until every process has ended, or one has failed (the others would wait at the barrier for nothing)."""
+    deadline = time.monotonic() + timeout
+    while any(proc.poll() is None for proc in procs):
+        if any(proc.returncode for proc in procs) or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
 
 
 class _WindowDone(Exception):

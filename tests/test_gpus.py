@@ -139,7 +139,7 @@ def test_a_probe_measures_k_processes_at_once_with_the_studys_first_configuratio
     point = measure_on(None, [str(study), "--data", str(tiny_synthetic)], seconds=1.0)(2)
     assert point.k == 2 and point.steps_per_s > 0 and point.peak_gib == 0.0 and point.free_gib is None  # CPU here
     with pytest.raises(RuntimeError, match="a probe process failed: .*no_such_key"):
-        measure_on(None, [str(study), "--data", str(tiny_synthetic), "--set", "train.no_such_key=1"])(1)
+        measure_on(None, [str(study), "--data", str(tiny_synthetic), "--set", "train.no_such_key=1"])(2)
 
 
 def test_a_probe_process_counts_steps_only_once_all_k_have_started(tmp_path, tiny_synthetic):
