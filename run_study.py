@@ -158,6 +158,9 @@ def _parser() -> argparse.ArgumentParser:
                         "study file's; keys it does not set take the search space's first choice")
     p.add_argument("--seeds", type=int, default=5, help="seeds per variant, paired (default 5; 6+ for a Wilcoxon "
                                                         "p that can go below 0.05)")
+    p.add_argument("--path", action="store_true",
+                   help="a greedy path from the reference to the winner instead: each step adds the change that "
+                        "helps most (mean over the seeds), compared with the step before, paired by seed")
     next(a for a in p._actions if a.dest == "dry_run").help = ("list the variants and their cost, train nothing "
                                                                 "(with --slurm: print the batch script)")
     p.set_defaults(func=cmd_explain)
@@ -359,14 +362,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     trial = ex.chosen_trial(source, args.trial, spec.path)
     if args.trial == "best" and args.worker_id is None:
         args.argv = [*args.argv, "--trial", str(trial.number)]  # workers explain this trial, whatever ends best
-    explanation = ex.explain(spec, trial, args.reference, args.seeds, _train_values(spec, runs))
+    explanation = ex.explain(spec, trial, args.reference, args.seeds, _train_values(spec, runs), args.path)
     if not explanation.factors:
         raise SpecError(f"trial {trial.number} of {spec.name!r} takes the reference's value for every searched key; "
                         "there is nothing to explain (try --reference FILE.toml)")
-    rows = explanation.loo_rows()
-    name = ex.study_name(spec.name, trial.number)
+    rows, seeds = explanation.rows(), explanation.seeds
+    name = ex.study_name(spec.name, trial.number, args.path)
     if args.dry_run and args.slurm is None:
-        print(ex.describe(explanation, rows, trial, name, args.workers))
+        print(ex.describe(explanation, trial, name, args.workers))
         return 0
     explain_spec = dataclasses.replace(spec, name=name, storage=url)  # the search's storage, beside it
     if args.slurm is not None:
@@ -376,18 +379,22 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if source.user_attrs.get("data_fingerprint") not in (None, fingerprint):
             raise SpecError(f"study {spec.name!r} was searched on other data (fingerprint "
                             f"{source.user_attrs['data_fingerprint']}, now {fingerprint}); explain it on its own data")
-        return open_cells(explain_spec, rows, explanation.seeds, explanation.identity(), url, fingerprint, wait,
-                          {EXPLAIN_ATTR: explanation.attr()})
+        attrs = {EXPLAIN_ATTR: explanation.attr(), **({} if args.path else {"rows": list(rows)})}  # path: as it runs
+        return open_cells(explain_spec, ex.REFERENCE if args.path else ex.WINNER, seeds, explanation.identity(), url,
+                          fingerprint, wait, attrs)
 
     def setup(study) -> None:
-        print(ex.describe(explanation, rows, trial, name, args.workers, short=True))
-        queued = enqueue_missing_cells(study, explanation.seeds, rows)
-        print(f"{queued} cell(s) queued of {len(rows) * len(explanation.seeds)}")
+        print(ex.describe(explanation, trial, name, args.workers, short=True))
+        if not args.path:  # the path queues each step's cells as it goes
+            print(f"{enqueue_missing_cells(study, seeds, rows)} cell(s) queued of {len(rows) * len(seeds)}")
 
-    return _run(args, explain_spec, None, setup,
-                lambda study, store, deadline, artifacts: run_ablation(
-                    study, explain_spec, explanation.seeds, rows, store, deadline, artifact_store=artifacts), top=0,
-                target=lambda: len(rows) * len(explanation.seeds), open_study=open_study)
+    def run(study, store, deadline, artifacts):
+        if args.path:
+            return ex.run_path(study, explanation, explain_spec, store, deadline, artifacts)
+        return run_ablation(study, explain_spec, seeds, rows, store, deadline, artifact_store=artifacts)
+
+    return _run(args, explain_spec, None, setup, run, top=0, target=lambda: ex.n_cells(explanation),
+                open_study=open_study)
 
 
 def _train_values(spec, items: list[str]) -> dict:

@@ -10,7 +10,7 @@ from reports import explain
 from reports.document import Report, Section
 from reports.figures import ablation_figures, learning_curves
 from reports.stats import ACCURACY_RANGE, CUT_MARK, DELTA_RANGE, ablation_table
-from search.cells import cell_of
+from search.cells import PATH_ATTR, cell_of
 
 FLAG_MARK = "‡"  # on a Wilcoxon p that could never be < 0.05 (too few seeds); † (CUT_MARK) marks a cut CI bound
 TOO_FEW_SEEDS = (f"{FLAG_MARK} too few seeds: with 5 or fewer paired seeds whose accuracies differ (equal pairs "
@@ -97,12 +97,21 @@ def ablation_report(study: optuna.Study) -> Report:
     if attr is None:
         return Report(title, sections, figures, csv=table, tex=display)  # LaTeX: the table as read, and by seed
     # an explain: its choices' table first (the CSV and LaTeX too), the variants' table and cells after it
-    frame = explain.contributions(attr, table)
-    winner = table.loc[table["variant"] == study.user_attrs["baseline_row"], "mean"]
-    caveat = explain.LOO_CAVEAT + (" " + TOO_FEW_SEEDS if frame["too_few_seeds"].any() else "")
-    top = explain.explain_section(attr, frame, winner.iloc[0] if len(winner) else None, format_p, FLAG_MARK, caveat)
-    return Report(f"Why trial {attr['trial']} of `{attr['source']}` wins", [top, *sections],
-                  explain.contribution_figure(frame) + figures, csv=frame, tex=top.table)
+    baseline = study.user_attrs["baseline_row"]
+    first = table.loc[table["variant"] == baseline, "mean"]
+    first = first.iloc[0] if len(first) else None
+    if attr["plan"] == "path":
+        frame = explain.path_steps(attr, study.user_attrs.get(PATH_ATTR, []), cells, baseline)
+        caveat = explain.PATH_CAVEAT + (" " + TOO_FEW_SEEDS if frame["too_few_seeds"].any() else "")
+        top = explain.path_section(attr, frame, first, format_p, FLAG_MARK, caveat)
+        figure = explain.waterfall_figure(first, frame)
+    else:
+        frame = explain.contributions(attr, table)
+        caveat = explain.LOO_CAVEAT + (" " + TOO_FEW_SEEDS if frame["too_few_seeds"].any() else "")
+        top = explain.explain_section(attr, frame, first, format_p, FLAG_MARK, caveat)
+        figure = explain.contribution_figure(frame)
+    return Report(f"Why trial {attr['trial']} of `{attr['source']}` wins", [top, *sections], figure + figures,
+                  csv=frame, tex=top.table)
 
 
 def legend(display: pd.DataFrame, baseline: str | None) -> str:

@@ -11,13 +11,19 @@ import plotly.graph_objects as go
 
 from reports.document import Section
 from reports.figures import METRIC, Figures
+from reports.stats import holm, paired_comparison, summarize
 from search.cells import EXPLAIN_ATTR
 
 LOO_CAVEAT = ("What these numbers cannot show: each row puts one choice back and keeps all the winner's others, so it "
               "measures what the winner loses without that choice given the rest; two choices that help only "
               "together, or that stand in for each other, can each look small here (interactions).")
+PATH_CAVEAT = ("What these numbers cannot show: each step's gain is measured given the changes before it; a "
+               "different order could credit the changes differently, and interactions off the path are not "
+               "measured.")
 CSV_COLUMNS = ["parameter", "winner", "reference", "row", "n_pairs", "mean_without", "std_without", "contribution",
                "ci_low", "ci_high", "p_t_holm", "p_wilcoxon_holm", "too_few_seeds"]
+PATH_COLUMNS = ["step", "parameter", "winner", "reference", "row", "n_pairs", "mean_after", "std_after", "gain",
+                "ci_low", "ci_high", "p_t", "p_wilcoxon", "too_few_seeds"]
 
 
 def explanation(study) -> dict | None:
@@ -44,21 +50,73 @@ def contributions(attr: dict, table: pd.DataFrame) -> pd.DataFrame:
     return frame.sort_values("contribution", ascending=False, kind="stable", na_position="last").reset_index(drop=True)
 
 
-def contribution_display(frame: pd.DataFrame, format_p, flag: str) -> pd.DataFrame:
-    """The table as read: values, accuracy without the choice, its contribution with CI, Holm p, the flag."""
+def contribution_display(frame: pd.DataFrame, format_p, flag: str, path: bool = False) -> pd.DataFrame:
+    """The table as read: values, accuracy without the choice (path: after the step), its contribution (path: the
+    step's gain) with CI, Holm p, the flag."""
     def fmt(x, spec=".4f") -> str:
         return "" if pd.isna(x) else format(x, spec)
 
-    return pd.DataFrame([{
-        "choice": r.parameter, "winner": r.winner, "reference": r.reference,
-        "acc. without": f"{fmt(r.mean_without)} ± {fmt(r.std_without)}" if not pd.isna(r.std_without)
-        else fmt(r.mean_without),
-        "contribution [95% CI]": f"{fmt(r.contribution, '+.4f')} [{fmt(r.ci_low, '+.4f')}, {fmt(r.ci_high, '+.4f')}]"
-        if not pd.isna(r.ci_low) else fmt(r.contribution, "+.4f"),
-        "p_t": format_p(r.p_t_holm),
-        "p_W": format_p(r.p_wilcoxon_holm) + (flag if r.too_few_seeds else ""),
-    } for r in frame.itertuples(index=False)], columns=["choice", "winner", "reference", "acc. without",
-                                                         "contribution [95% CI]", "p_t", "p_W"])
+    mean, delta = ("mean_after", "gain") if path else ("mean_without", "contribution")
+    std = "std_after" if path else "std_without"
+    heads = ("acc. after", "gain [95% CI]") if path else ("acc. without", "contribution [95% CI]")
+    rows = []
+    for r in frame.to_dict("records"):
+        ci = f" [{fmt(r['ci_low'], '+.4f')}, {fmt(r['ci_high'], '+.4f')}]" if not pd.isna(r["ci_low"]) else ""
+        rows.append({**({"step": r["step"]} if path else {}), "choice": r["parameter"], "winner": r["winner"],
+                     "reference": r["reference"],
+                     heads[0]: fmt(r[mean]) + (f" ± {fmt(r[std])}" if not pd.isna(r[std]) else ""),
+                     heads[1]: fmt(r[delta], "+.4f") + ci, "p_t": format_p(r["p_t_holm"]),
+                     "p_W": format_p(r["p_wilcoxon_holm"]) + (flag if r["too_few_seeds"] else "")})
+    return pd.DataFrame(rows, columns=[*(["step"] if path else []), "choice", "winner", "reference", *heads, "p_t",
+                                       "p_W"])
+
+
+def path_steps(attr: dict, chosen: list[dict], cells: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Each step of the greedy path against the step before it (the first against the reference), paired by seed,
+    Holm across the steps; steps whose cells are not all complete yet are left out."""
+    done = cells[cells["state"] == "complete"]
+    value = {row: dict(zip(g["seed"], g["value"], strict=True)) for row, g in done.groupby("variant")}
+    factors = {f["name"]: f for f in attr["factors"]}
+    rows, before = [], baseline
+    for i, step in enumerate(chosen, 1):
+        if before not in value or step["row"] not in value:
+            break
+        s = summarize(list(value[step["row"]].values()))
+        c = paired_comparison(value[before], value[step["row"]])
+        f = factors[step["name"]]
+        rows.append({"step": i, "parameter": f["name"], "winner": f["winner"], "reference": f["reference"],
+                     "row": step["row"], "n_pairs": c["n_pairs"], "mean_after": s["mean"], "std_after": s["std"],
+                     "gain": c["delta"], "ci_low": c["delta_ci_low"], "ci_high": c["delta_ci_high"],
+                     "p_t": c["p_t"], "p_wilcoxon": c["p_wilcoxon"], "too_few_seeds": bool(c["too_few_seeds"])})
+        before = step["row"]
+    frame = pd.DataFrame(rows, columns=PATH_COLUMNS)
+    for col in ("p_t", "p_wilcoxon"):
+        frame[f"{col}_holm"] = holm(frame[col].to_numpy(dtype=float)) if len(frame) else []
+    return frame.drop(columns=["p_t", "p_wilcoxon"])
+
+
+def path_section(attr: dict, frame: pd.DataFrame, reference_mean: float | None, format_p, flag: str,
+                 caveat: str) -> Section:
+    text = (f"Why trial {attr['trial']} of `{attr['source']}` wins, as a greedy path from the {attr['reference']} "
+            "config's values: each step adds, of the changes left, the one whose row reached the highest mean "
+            "over the seeds; gain = that row − the step before, paired by seed; p-values Holm-adjusted across the "
+            "steps.")
+    if reference_mean is not None:
+        text += f" The reference itself: {reference_mean:.4f} mean validation accuracy over the seeds."
+    return Section("The path from the reference to the winner", text,
+                   table=contribution_display(frame, format_p, flag, path=True), floatfmt="#.3g", note=caveat)
+
+
+def waterfall_figure(reference_mean: float | None, frame: pd.DataFrame) -> Figures:
+    """The path as a waterfall: the reference's mean, then each step's paired gain."""
+    if frame.empty or reference_mean is None:
+        return []
+    fig = go.Figure(go.Waterfall(x=["reference", *(f"+ {p}" for p in frame["parameter"])],
+                                 measure=["absolute", *["relative"] * len(frame)],
+                                 y=[reference_mean, *frame["gain"]], texttemplate="%{delta:+.4f}"))
+    fig.update_layout(title="greedy path from the reference to the winner (mean gain of each step over seeds)",
+                      yaxis_title=METRIC)
+    return [("explain-path", fig)]
 
 
 def explain_section(attr: dict, frame: pd.DataFrame, winner_mean: float | None, format_p, flag: str,

@@ -126,19 +126,18 @@ def open_ablation(ablation: AblationSpec, storage: str, data_fingerprint: str, w
                   ) -> tuple[optuna.Study, dict[str, RunConfig]]:
     """Create or resume the ablation's study and mark it as an ablation, with its rows and seeds, for the report."""
     rows = ablation.rows(baseline_config(ablation, storage))
-    return open_cells(ablation.study, rows, ablation.seeds, identity(ablation, rows), storage, data_fingerprint,
-                      wait), rows
+    return open_cells(ablation.study, next(iter(rows)), ablation.seeds, identity(ablation, rows), storage,
+                      data_fingerprint, wait, {"rows": list(rows)}), rows
 
 
-def open_cells(spec: StudySpec, rows: dict[str, RunConfig], seeds: tuple[int, ...], ident: dict[str, Any],
-               storage: str, data_fingerprint: str, wait: bool = False, attrs: dict[str, Any] | None = None
-               ) -> optuna.Study:
-    """Create or resume a study of (row, seed) cells (no pruning: every cell trains its full budget); the first
-    row is the one the others are compared with. `attrs`: more study user attrs (an explain's factors)."""
+def open_cells(spec: StudySpec, baseline_row: str, seeds: tuple[int, ...], ident: dict[str, Any], storage: str,
+               data_fingerprint: str, wait: bool = False, attrs: dict[str, Any] | None = None) -> optuna.Study:
+    """Create or resume a study of (row, seed) cells (no pruning: every cell trains its full budget), compared
+    with `baseline_row`. `attrs`: more study user attrs: the rows in the report's order ("rows"), an explain's."""
     spec = dataclasses.replace(spec, pruner={"name": "none"})
     study = create_or_resume(spec, storage, data_fingerprint, ident, wait=wait)
-    for key, value in (("kind", "ablation"), ("rows", list(rows)), ("baseline_row", next(iter(rows))),
-                       ("seeds", list(seeds)), *(attrs or {}).items()):
+    for key, value in (("kind", "ablation"), ("baseline_row", baseline_row), ("seeds", list(seeds)),
+                       *(attrs or {}).items()):
         if study.user_attrs.get(key) != value:  # workers opening the study at once write nothing
             study.set_user_attr(key, value)
     return study

@@ -6,6 +6,7 @@ from typing import Any
 from optuna.trial import FrozenTrial
 
 EXPLAIN_ATTR = "explain"  # an explain study's user attr: its trial, reference and choices (search/explain.py)
+PATH_ATTR = "path"  # an explain --path study's user attr: the steps chosen so far, [{"name", "row"}, ...]
 
 
 def cell_of(trial: FrozenTrial) -> tuple[Any, Any] | None:

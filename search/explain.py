@@ -15,7 +15,10 @@ unless `--set train.max_steps=...` says otherwise.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+import statistics
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -25,12 +28,15 @@ from optuna.trial import FrozenTrial, TrialState
 
 from models import ConfigError, ModelConfig
 from search.attrs import run_config_of
+from search.cells import PATH_ATTR, cell_of
 from search.config import RunConfig, TrainConfig
+from search.runner import INTERRUPTED
 from search.spec import StudySpec, choice_key
 from search.studyfile import SpecError, load_raw
 
 SAMPLE = Path(__file__).resolve().parent.parent / "studies" / "sample.toml"
 WINNER = "winner"
+REFERENCE = "reference"
 MODEL_KEYS = {f.name for f in fields(ModelConfig)} | {"head_dim"}
 
 
@@ -57,27 +63,89 @@ class Explanation:
     factors: tuple[Factor, ...]
     seeds: tuple[int, ...]
     head_dim_space: bool = False
+    path: bool = False
 
-    def loo_rows(self) -> dict[str, RunConfig]:
-        """The winner first (every row is compared with it), then the winner with each factor put back."""
-        return {WINNER: self.winner, **{f.row: _apply(self.winner, f.back, self.head_dim_space) for f in self.factors}}
+    @property
+    def plan(self) -> str:
+        return "path" if self.path else "leave_one_out"
+
+    def rows(self) -> dict[str, RunConfig]:
+        """Leave-one-out: the winner first (every row is compared with it), then the winner with each factor put
+        back. Path: every row the path could run (the reference first), named by the set of changes it makes, so
+        the `variant` choices stay the same in every trial (Optuna's categorical choices cannot grow)."""
+        if not self.path:
+            return {WINNER: self.winner,
+                    **{f.row: _apply(self.winner, f.back, self.head_dim_space) for f in self.factors}}
+        rows = {}
+        for size in range(len(self.factors) + 1):
+            for subset in itertools.combinations(self.factors, size):
+                cfg = self.reference
+                for f in subset:
+                    cfg = _apply(cfg, f.forward, self.head_dim_space)
+                rows[self.label([f.name for f in subset])] = self.winner if size == len(self.factors) else cfg
+        return rows
+
+    def label(self, changes: list[str]) -> str:
+        """A path row: 'reference', '+ a + b' (the factors' own order, whatever order the path took), 'winner'."""
+        if not changes:
+            return REFERENCE
+        if len(changes) == len(self.factors):
+            return WINNER
+        return " + ".join(["", *(f.name for f in self.factors if f.name in changes)]).strip()
+
+    def path_state(self, trials: list[FrozenTrial]) -> tuple[list[str], list[str], bool]:
+        """The changes the greedy path has chosen so far (each, once all its candidates' cells are finished: the
+        one whose row has the highest mean over its complete cells), the rows of the step to run now, and whether
+        the path has reached the winner."""
+        values: dict[str, dict[int, float]] = {}
+        open_cells, failed = set(), set()
+        for t in trials:
+            cell = cell_of(t)
+            if cell is None:
+                continue
+            if t.state == TrialState.COMPLETE:
+                values.setdefault(cell[0], {})[cell[1]] = t.value
+            elif t.state in (TrialState.RUNNING, TrialState.WAITING):
+                open_cells.add(cell)
+            elif t.state == TrialState.FAIL and t.user_attrs.get("fail_reason") != INTERRUPTED:
+                failed.add(cell)
+
+        def finished(row: str) -> bool:  # each seed complete, or failed on its own and not being retried
+            return all(s in values.get(row, {}) or ((row, s) in failed and (row, s) not in open_cells)
+                       for s in self.seeds)
+
+        chosen: list[str] = []
+        while True:
+            left = [f.name for f in self.factors if f.name not in chosen]
+            step = [self.label(chosen), *(self.label([*chosen, name]) for name in left)]
+            if not left:
+                return chosen, [], True
+            if not all(finished(row) for row in step):
+                return chosen, step, False
+            means = {name: statistics.mean(values[row].values()) for name in left
+                     if (row := self.label([*chosen, name])) in values}
+            if not means:  # every candidate failed: the path stops here
+                return chosen, [], True
+            chosen.append(max(left, key=lambda name: means.get(name, -math.inf)))  # ties: the first factor
 
     def identity(self) -> dict[str, Any]:
         return {"explain": {"source": self.source, "trial": self.trial, "reference": self.reference_name,
-                            "plan": "leave_one_out", "winner": self.winner.to_dict(),
+                            "plan": self.plan, "winner": self.winner.to_dict(),
                             "factors": {f.name: f.back for f in self.factors}},
                 "seeds": list(self.seeds)}
 
     def attr(self) -> dict[str, Any]:
         """The study user attr the report reads: which trial, which reference, each factor's values and row."""
-        return {"source": self.source, "trial": self.trial, "reference": self.reference_name,
-                "plan": "leave_one_out",
-                "factors": [{"name": f.name, "winner": _shown(f.winner), "reference": _shown(f.reference),
-                             "row": f.row} for f in self.factors]}
+        return {"source": self.source, "trial": self.trial, "reference": self.reference_name, "plan": self.plan,
+                "factors": [{"name": f.name, **_shown_pair(f.winner, f.reference),
+                             "row": f.row if not self.path else self.label([f.name])} for f in self.factors]}
 
 
-def study_name(source: str, trial: int) -> str:
-    return f"{source}-explain-t{trial}"
+MAX_PATH_FACTORS = 8  # 2**8 = 256 possible rows: the `variant` choices every path trial stores
+
+
+def study_name(source: str, trial: int, path: bool = False) -> str:
+    return f"{source}-explain-t{trial}" + ("-path" if path else "")
 
 
 def chosen_trial(study: optuna.Study, which: str, path: Path) -> FrozenTrial:
@@ -117,8 +185,8 @@ def reference_values(reference: str) -> tuple[str, dict[str, Any]]:
     return reference, values
 
 
-def explain(spec: StudySpec, trial: FrozenTrial, reference: str, seeds: int, train_overrides: dict[str, Any]
-            ) -> Explanation:
+def explain(spec: StudySpec, trial: FrozenTrial, reference: str, seeds: int, train_overrides: dict[str, Any],
+            path: bool = False) -> Explanation:
     """The factors of `trial` against the reference, and the winner run as the explain's rows train it."""
     winner = RunConfig.from_dict(run_config_of(trial))
     steps = train_overrides.get("max_steps") or int(trial.user_attrs.get("steps_run") or winner.train.max_steps)
@@ -149,8 +217,11 @@ def explain(spec: StudySpec, trial: FrozenTrial, reference: str, seeds: int, tra
     for f in factors:
         reference_cfg = _apply(reference_cfg, f.back, head_dim_space)
     result = Explanation(spec.name, trial.number, name, winner, reference_cfg, tuple(factors),
-                         tuple(range(seeds)), head_dim_space)
-    result.loo_rows()  # a bad value: one line now, before any training
+                         tuple(range(seeds)), head_dim_space, path)
+    if path and len(factors) > MAX_PATH_FACTORS:
+        raise SpecError(f"--path: {len(factors)} choices differ from the {name} config; a path takes at most "
+                        f"{MAX_PATH_FACTORS} (leave out --path, or give a --reference FILE.toml nearer the winner)")
+    result.rows()  # a bad value: one line now, before any training
     return result
 
 
@@ -215,6 +286,13 @@ def _apply(cfg: RunConfig, values: dict[str, Any], head_dim_space: bool) -> RunC
         raise SpecError(f"explain: {err}") from None
 
 
+def _shown_pair(winner: Any, reference: Any) -> dict[str, str]:
+    """Both values as a reader sees them: 3 significant digits, more where those would look equal."""
+    if _shown(winner) == _shown(reference):
+        return {"winner": repr(winner), "reference": repr(reference)}
+    return {"winner": _shown(winner), "reference": _shown(reference)}
+
+
 def _shown(value: Any) -> str:
     if isinstance(value, float):
         return format(value, ".3g")
@@ -227,13 +305,18 @@ def cost_minutes(trial: FrozenTrial, steps: int) -> float | None:
     return steps / rate / 60 if rate and math.isfinite(rate) and rate > 0 else None
 
 
-def describe(e: Explanation, rows: dict[str, RunConfig], trial: FrozenTrial, name: str, workers: str | None,
-             short: bool = False) -> str:
+def n_cells(e: Explanation) -> int:
+    """The cells the explain trains: every row x seed; for the path, the rows it runs (not all it could)."""
+    return (1 + len(e.factors) * (len(e.factors) + 1) // 2 if e.path else len(e.rows())) * len(e.seeds)
+
+
+def describe(e: Explanation, trial: FrozenTrial, name: str, workers: str | None, short: bool = False) -> str:
     """What explain runs: the factors, the variants, the cells and their cost at the winner's measured speed."""
-    steps = e.winner.train.max_steps
-    cells = len(rows) * len(e.seeds)
+    steps, cells = e.winner.train.max_steps, n_cells(e)
+    what = (f"a greedy path through {len(e.factors)} changes: {cells // len(e.seeds)} rows" if e.path
+            else f"{len(e.factors) + 1} variants")
     head = (f"explain trial {trial.number} of {e.source!r} (value {trial.value:.4f}) against the {e.reference_name} "
-            f"config: {len(e.factors)} choice(s) differ; {len(rows)} variants x {len(e.seeds)} seeds = {cells} cells "
+            f"config: {len(e.factors)} choice(s) differ; {what} x {len(e.seeds)} seeds = {cells} cells "
             f"of {steps} steps, in study {name!r}")
     minutes = cost_minutes(trial, steps)
     if minutes is None:
@@ -252,16 +335,47 @@ def describe(e: Explanation, rows: dict[str, RunConfig], trial: FrozenTrial, nam
                 (f", about {duration_text(minutes * cells * 60 / n)} on {n} workers" if n > 1 else ""))
     if short:
         return f"{head}\n{cost}"
-    by_row = {f.row: f for f in e.factors}
-    width = max(map(len, rows))
-    lines = [head]
-    for row in rows:
-        f = by_row.get(row)
-        if f is None:
-            what = "the trial's configuration, every other row is compared with it"
-        else:
-            also = [k for k in f.back if k != f.name]
-            what = f"puts back {f.name}: {_shown(f.winner)} -> {_shown(f.reference)}" + (
-                f" (with {', '.join(also)})" if also else "")
-        lines.append(f"  {row:<{width}}  {what}")
+    width = max(len(WINNER), *(len(f.name if e.path else f.row) for f in e.factors))
+    lines = [head, *([] if e.path else [f"  {WINNER:<{width}}  the trial's configuration, every other row is "
+                                        "compared with it"])]
+    for f in e.factors:
+        also = [k for k in f.back if k != f.name]
+        change = (f"adds {f.name}: {_shown(f.reference)} -> {_shown(f.winner)}" if e.path
+                  else f"puts back {f.name}: {_shown(f.winner)} -> {_shown(f.reference)}")
+        lines.append(f"  {f.name if e.path else f.row:<{width}}  {change}" +
+                     (f" (with {', '.join(also)})" if also else ""))
     return "\n".join([*lines, cost])
+
+
+
+
+def run_path(study: optuna.Study, e: Explanation, spec: StudySpec, store, deadline: float | None = None,
+             artifact_store=None, log=print):
+    """--path: run the path's current step (its candidates' cells), choose, and go on until the winner; each
+    process (a worker, another machine) reads the same stored cells, so all choose the same step, and a resumed
+    run goes on where the stored cells end."""
+    from search.ablation import enqueue_missing_cells, run_ablation
+    from search.runner import RunStats, gate
+
+    rows, total, seen = e.rows(), RunStats(), set()
+    while True:
+        with gate(study):
+            chosen, step, done = e.path_state(study.get_trials(deepcopy=False))
+            path = [{"name": name, "row": e.label(chosen[:i])} for i, name in enumerate(chosen, 1)]
+            if study.user_attrs.get(PATH_ATTR) != path:
+                study.set_user_attr(PATH_ATTR, path)
+            run = [r for r in study.user_attrs.get("rows", []) if r in rows]
+            if any(r not in run for r in step):
+                study.set_user_attr("rows", [*run, *(r for r in step if r not in run)])
+            if done:
+                return total
+            if tuple(chosen) in seen:  # its cells ran once in this process and still did not finish
+                return total.stop(total.exit_code, f"path: the step after {chosen} did not finish")
+            seen.add(tuple(chosen))
+            enqueue_missing_cells(study, e.seeds, {r: rows[r] for r in step})
+        stats = run_ablation(study, spec, e.seeds, rows, store, deadline, log, artifact_store)
+        total.states.update(stats.states)
+        total.outcomes += stats.outcomes
+        total.exit_code, total.stop_reason, total.last_reason = stats.exit_code, stats.stop_reason, stats.last_reason
+        if stats.exit_code or (deadline is not None and time.time() >= deadline):
+            return total

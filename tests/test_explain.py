@@ -6,7 +6,7 @@ import statistics
 
 import optuna
 import pytest
-from optuna.distributions import FloatDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 import run_study
@@ -53,7 +53,7 @@ def test_a_parent_goes_back_with_its_conditional_keys_and_a_branch_key_of_the_sa
     path, _, trial = a_search(tmp_path, tiny_store, margin=0.25)
     e = explain(load_spec(path), trial, "sample", 3, {})
     assert [f.name for f in e.factors] == ["d_model", "pooling", "loss"]  # lr 1e-3 is the sample's: not a factor
-    rows = e.loo_rows()
+    rows = e.rows()
     ce = rows["loss = ce"].model
     assert (ce.loss, ce.classifier) == ("ce", "linear") and rows["winner"].model.classifier == "cosine"
     assert rows["d_model = 80"].model.d_model == 80 and rows["pooling = mean"].model.pooling == "mean"
@@ -62,7 +62,7 @@ def test_a_parent_goes_back_with_its_conditional_keys_and_a_branch_key_of_the_sa
     reference = write_study(tmp_path / "ref.toml", '[model]\nd_model = 16\nloss = "am_softmax"\nmargin = 0.1\n')
     same = explain(load_spec(path), trial, str(reference), 2, {"max_steps": 30})
     assert [(f.name, f.winner, f.reference) for f in same.factors] == [("margin", 0.25, 0.1)]
-    assert same.loo_rows()["margin = 0.1"].train.max_steps == 30 and same.seeds == (0, 1)
+    assert same.rows()["margin = 0.1"].train.max_steps == 30 and same.seeds == (0, 1)
 
 
 def test_d_model_and_nhead_go_back_together_where_one_alone_would_not_divide(tmp_path):
@@ -135,3 +135,67 @@ def test_explain_refuses_a_search_with_no_complete_trial(tmp_path):
     optuna.create_study(study_name="e", storage=url)
     with pytest.raises(SpecError, match="has no complete trial to explain yet"):
         run_study.cmd_explain(run_study._parser().parse_args(["explain", str(path), "--storage", url]))
+
+
+def _cell(row: str, seed: int, value: float | None, state=TrialState.COMPLETE, reason: str = ""):
+    return create_trial(state=state, value=value if state == TrialState.COMPLETE else None,
+                        params={"variant": row}, distributions={"variant": CategoricalDistribution([row])},
+                        user_attrs={"seed": seed, **({"fail_reason": reason} if reason else {})})
+
+
+def test_the_greedy_path_takes_the_best_candidate_once_its_step_is_finished(tmp_path, tiny_store):
+    path, _, trial = a_search(tmp_path, tiny_store)
+    e = explain(load_spec(path), trial, "sample", 2, {}, path=True)
+    assert [f.name for f in e.factors] == ["d_model", "pooling", "loss"]
+    rows = e.rows()  # every subset, named in the factors' order: the `variant` choices never change
+    assert len(rows) == 8 and list(rows)[:2] == ["reference", "+ d_model"] and rows["winner"] == e.winner
+    assert rows["+ d_model + loss"].model.loss == "am_softmax" and rows["+ pooling"].model.d_model == 80
+    assert e.path_state([]) == ([], ["reference", "+ d_model", "+ pooling", "+ loss"], False)
+    step0 = [_cell(r, s, v) for r, v in (("reference", 0.2), ("+ d_model", 0.3), ("+ pooling", 0.25))
+             for s in (0, 1)]
+    assert e.path_state(step0)[2] is False  # "+ loss" has no cell yet
+    # "+ loss": one seed failed on its own (counts as finished), one complete, the best mean
+    step0 += [_cell("+ loss", 0, 0.5), _cell("+ loss", 1, None, TrialState.FAIL, "NonFiniteLossError")]
+    assert e.path_state(step0) == (["loss"], ["+ loss", "+ d_model + loss", "+ pooling + loss"], False)
+    interrupted = [_cell("+ d_model + loss", s, None, TrialState.FAIL, "interrupted") for s in (0, 1)]
+    assert e.path_state(step0 + interrupted)[2] is False  # an interrupted cell is retried, not finished
+    step1 = [_cell(r, s, v) for r, v in (("+ d_model + loss", 0.4), ("+ pooling + loss", 0.6)) for s in (0, 1)]
+    assert e.path_state(step0 + step1) == (["loss", "pooling"], ["+ pooling + loss", "winner"], False)
+    assert e.path_state(step0 + step1 + [_cell("winner", s, 0.7) for s in (0, 1)]) == (
+        ["loss", "pooling", "d_model"], [], True)
+
+
+def test_a_path_run_by_two_workers_survives_sigterm_and_its_gains_are_the_stored_trials(tmp_path, tiny_store,
+                                                                                          tiny_synthetic):
+    path, url, _ = a_search(tmp_path, tiny_store)
+    reference = write_study(tmp_path / "ref.toml", '[model]\nd_model = 16\npooling = "mean"\nloss = "ce"\n')
+    args = ("explain", str(path), "--data", str(tiny_synthetic), "--storage", url, "--seeds", "2", "--path",
+            "--reference", str(reference), "--workers", "2", "--set", "train.max_steps=100",
+            "--set", "train.valid_steps=50")
+    name = "s-explain-t0-path"
+    proc = start(*args, cwd=tmp_path)
+    wait_for(lambda ts: sum(t.state == TrialState.COMPLETE for t in ts) >= 3, name, url)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    rerun = start(*args, cwd=tmp_path)
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err + out
+    complete = [t for t in trials(name, url) if t.state == TrialState.COMPLETE]
+    cells = [cell_of(t) for t in complete]
+    # pooling and loss differ from this reference: reference, 2 candidates, then the winner; 2 seeds each
+    assert len(cells) == len(set(cells)) == 8, cells
+    study = optuna.load_study(study_name=name, storage=url)
+    steps = study.user_attrs["path"]
+    assert sorted(s["name"] for s in steps) == ["loss", "pooling"] and steps[-1]["row"] == "winner"
+    value = {cell_of(t): t.value for t in complete}
+    first = steps[0]["row"]
+    assert statistics.mean(value[first, s] for s in (0, 1)) >= statistics.mean(
+        value[r, s] for r in ("+ pooling", "+ loss") if r != first for s in (0, 1))  # the greedy choice
+    with open(tmp_path / "s.results" / f"{name}.csv") as f:
+        table = list(csv.DictReader(f))
+    before = "reference"
+    for r, step in zip(table, steps, strict=True):
+        gain = statistics.mean(value[step["row"], s] - value[before, s] for s in (0, 1))
+        assert r["row"] == step["row"] and float(r["gain"]) == pytest.approx(gain, abs=1e-12)
+        before = step["row"]
