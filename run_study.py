@@ -175,6 +175,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="how many trials to list")
     p.add_argument("--format", default="md,csv,html",
                    help="comma-separated: md, csv, tex (LaTeX, booktabs), html (offline, with figures)")
+    p.add_argument("--figures", default="", metavar="pdf,svg,png",
+                   help="also write each figure as OUT/NAME-FIGURE.FORMAT for a paper (one column wide; plotly's "
+                        "static export through kaleido and Chromium)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("dashboard", help="open the study storage in optuna-dashboard",
@@ -614,7 +617,7 @@ def _say_stop(stats, stream) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from reports import FORMATS, write_comparison
+    from reports import FIGURE_FORMATS, FORMATS, write_comparison
     from search.storage import load_existing_study, results_dir
     from search.studyfile import SpecError
 
@@ -623,14 +626,19 @@ def cmd_report(args: argparse.Namespace) -> None:
     if unknown or not formats:
         raise SpecError(f"--format {args.format!r}: unknown format {unknown[0] if unknown else ''!r}; "
                         f"valid: {', '.join(FORMATS)}")
+    figures = tuple(f.strip() for f in args.figures.split(",") if f.strip())
+    unknown = [f for f in figures if f not in FIGURE_FORMATS]
+    if unknown:
+        raise SpecError(f"--figures {args.figures!r}: unknown format {unknown[0]!r}; "
+                        f"valid: {', '.join(FIGURE_FORMATS)}")
     _check_positive("--top", args.top)
     found = [_find(name, args.storage) for name in args.studies]
     studies = [load_existing_study(name, url) for name, url, _ in found]
     out = args.out or results_dir(found[0][1], found[0][2])  # the (first) storage's own folder
     if len(studies) == 1:
-        _print_report(studies[0], out, args.top, formats)
+        _print_report(studies[0], out, args.top, formats, figures)
     else:
-        _print_written(*write_comparison(studies, out, formats))
+        _print_written(*write_comparison(studies, out, formats, figures))
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
@@ -745,10 +753,11 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _print_report(study, out: Path, top: int, formats: tuple[str, ...] | None = None) -> None:
+def _print_report(study, out: Path, top: int, formats: tuple[str, ...] | None = None, figures: tuple[str, ...] = ()
+                  ) -> None:
     from reports import DEFAULT_FORMATS, write_report
 
-    _print_written(*write_report(study, out, top, formats or DEFAULT_FORMATS))
+    _print_written(*write_report(study, out, top, formats or DEFAULT_FORMATS, figures))
 
 
 def _print_written(text: str, paths: list[Path]) -> None:

@@ -108,12 +108,14 @@ def path_section(attr: dict, frame: pd.DataFrame, reference_mean: float | None, 
 
 
 def waterfall_figure(reference_mean: float | None, frame: pd.DataFrame) -> Figures:
-    """The path as a waterfall: the reference's mean, then each step's paired gain."""
+    """The path as a waterfall: the reference's mean, each step's paired gain, and where the path ends."""
     if frame.empty or reference_mean is None:
         return []
-    fig = go.Figure(go.Waterfall(x=["reference", *(f"+ {p}" for p in frame["parameter"])],
-                                 measure=["absolute", *["relative"] * len(frame)],
-                                 y=[reference_mean, *frame["gain"]], texttemplate="%{delta:+.4f}"))
+    end = reference_mean + frame["gain"].sum()
+    fig = go.Figure(go.Waterfall(x=["reference", *(f"+ {p}" for p in frame["parameter"]), "end"],
+                                 measure=["absolute", *["relative"] * len(frame), "total"],
+                                 y=[reference_mean, *frame["gain"], 0.0],
+                                 text=[f"{reference_mean:.4f}", *(f"{g:+.4f}" for g in frame["gain"]), f"{end:.4f}"]))
     fig.update_layout(title="greedy path from the reference to the winner (mean gain of each step over seeds)",
                       yaxis_title=METRIC)
     return [("explain-path", fig)]

@@ -5,14 +5,21 @@ from pathlib import Path
 
 import optuna
 import optuna_dashboard
+import plotly.graph_objects as go
 
 from reports import latex as tex
 from reports.ablation import ablation_report, is_ablation
 from reports.compare import comparison_report
 from reports.document import Report, to_html, to_markdown, to_note
 from reports.tables import search_report
+from search.studyfile import SpecError
 
 FORMATS = ("md", "csv", "tex", "html")
+FIGURE_FORMATS = ("pdf", "svg", "png")
+# A figure for a paper: 420 x 300 px, 13 px type. kaleido's PDF of it is 525 pt wide, its type 16 pt; in a single
+# column (3.5 in, 252 pt) it is shown at 0.48x, so the type reads at about 8 pt, like a caption.
+FIGURE_SIZE = (420, 300)
+FIGURE_FONT = 13
 DEFAULT_FORMATS = ("md", "csv", "html")
 # optuna-dashboard draws these itself, live; a stored copy would go stale and bloat the storage.
 DASHBOARD_NATIVE = {"history", "parallel-coordinates", "importances", "learning-curves"}
@@ -28,12 +35,12 @@ def study_report(study: optuna.Study, k: int = 10, plots: bool = False) -> Repor
     return ablation_report(study) if is_ablation(study) else search_report(study, k, plots)
 
 
-def write_report(study: optuna.Study, out: Path, k: int = 10, formats: tuple[str, ...] = DEFAULT_FORMATS
-                 ) -> tuple[str, list[Path]]:
+def write_report(study: optuna.Study, out: Path, k: int = 10, formats: tuple[str, ...] = DEFAULT_FORMATS,
+                 figures: tuple[str, ...] = ()) -> tuple[str, list[Path]]:
     """Write <out>/<study>.<fmt> for each format, put the report into the study's optuna-dashboard page
     (its note's report section, the figures the dashboard does not draw itself), return the Markdown and paths."""
     report = study_report(study, k, plots="html" in formats)
-    text, paths = write_files(report, out / study.study_name, formats)
+    text, paths = write_files(report, out / study.study_name, formats, figures)
     save_to_dashboard(study, report)
     return text, paths
 
@@ -75,7 +82,8 @@ def _section_span(note: str) -> tuple[int, int] | None:
     return None
 
 
-def write_files(report: Report, stem: Path, formats: tuple[str, ...]) -> tuple[str, list[Path]]:
+def write_files(report: Report, stem: Path, formats: tuple[str, ...], figures: tuple[str, ...] = ()
+                ) -> tuple[str, list[Path]]:
     text = to_markdown(report)
     stem.parent.mkdir(parents=True, exist_ok=True)
     writers = {
@@ -94,7 +102,32 @@ def write_files(report: Report, stem: Path, formats: tuple[str, ...]) -> tuple[s
                 err.filename = str(path)
             raise
         paths.append(path)
-    return text, paths
+    return text, paths + write_figures(report, stem, figures)
+
+
+def write_figures(report: Report, stem: Path, formats: tuple[str, ...]) -> list[Path]:
+    """Each figure of the report as STEM-ID.FORMAT (pdf, svg, png) for a paper: a white template, FIGURE_SIZE,
+    FIGURE_FONT type; through plotly's static export (kaleido, which drives a Chrome or Chromium it finds)."""
+    if not formats or not report.figures:
+        return []
+    import plotly.io as pio
+
+    figures, paths = [], []
+    for fig_id, fig in report.figures:
+        height = max(FIGURE_SIZE[1], fig.layout.height or 0)  # a tall one (a bar per choice) keeps its height
+        styled = go.Figure(fig).update_layout(template="simple_white", width=FIGURE_SIZE[0], height=height,
+                                              font={"size": FIGURE_FONT}, title_font_size=FIGURE_FONT,
+                                              margin={"l": 60, "r": 20, "t": 50, "b": 50})
+        for fmt in formats:
+            figures.append(styled)
+            paths.append(stem.with_name(f"{stem.name}-{fig_id}.{fmt}"))
+    try:
+        pio.write_images(figures, paths)
+    except Exception as err:  # kaleido missing, or no browser: say what to install, in one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SpecError(f"--figures: plotly's static export failed ({first}); it needs the kaleido package and a "
+                        "Chrome or Chromium (Debian: apt-get install chromium)") from None
+    return paths
 
 
 def latex(report: Report) -> str:
@@ -116,11 +149,11 @@ def latex(report: Report) -> str:
     return head + "\n".join(f.latex for f in floats)
 
 
-def write_comparison(studies: list[optuna.Study], out: Path, formats: tuple[str, ...] = DEFAULT_FORMATS
-                     ) -> tuple[str, list[Path]]:
+def write_comparison(studies: list[optuna.Study], out: Path, formats: tuple[str, ...] = DEFAULT_FORMATS,
+                     figures: tuple[str, ...] = ()) -> tuple[str, list[Path]]:
     """Several studies side by side, written as <out>/<A>-vs-<B>.<fmt>; nothing is saved into the studies."""
     report = comparison_report(studies, plots="html" in formats)
-    return write_files(report, out / comparison_name(studies), formats)
+    return write_files(report, out / comparison_name(studies), formats, figures)
 
 
 def comparison_name(studies: list[optuna.Study]) -> str:

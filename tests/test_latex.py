@@ -204,3 +204,24 @@ def test_an_explain_report_compiles_and_its_pdf_shows_the_csvs_numbers(tmp_path)
     assert list(csv["parameter"]) == ["d_model", "loss", "pooling"]
     for r in csv.itertuples():
         assert f"{r.contribution:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}]" in text, (r, text)
+
+
+def test_report_figures_are_written_as_pdf_and_svg_for_a_paper(tmp_path, capsys):
+    """`report --figures pdf,svg`: every figure of the report as OUT/NAME-ID.{pdf,svg}, through kaleido and the
+    Chromium CI installs; the PDF carries the figure's text, the SVG is an SVG document."""
+    import xml.etree.ElementTree as ET
+
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    ablation_study(url)
+    out = tmp_path / "out"
+    assert run_study.main(["report", "boss_ablation", "--storage", url, "--format", "md", "--out", str(out),
+                           "--figures", "pdf,svg"]) == 0
+    ids = ["ablation-bars", "ablation-deltas", "ablation-learning-curves"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["boss_ablation.md", *(f"boss_ablation-{i}.{fmt}" for i in ids for fmt in ("pdf", "svg"))])
+    text = subprocess.run(["pdftotext", str(out / "boss_ablation-ablation-bars.pdf"), "-"], capture_output=True,
+                          text=True, check=True).stdout
+    assert "per variant" in text and "attention" in text
+    assert ET.parse(out / "boss_ablation-ablation-deltas.svg").getroot().tag == "{http://www.w3.org/2000/svg}svg"
+    assert run_study.main(["report", "boss_ablation", "--storage", url, "--figures", "eps"]) == 2
+    assert "--figures 'eps': unknown format 'eps'; valid: pdf, svg, png" in capsys.readouterr().err
