@@ -169,8 +169,8 @@ def chosen_trial(study: optuna.Study, which: str, path: Path) -> FrozenTrial:
     return trial
 
 
-def reference_values(reference: str) -> tuple[str, dict[str, Any]]:
-    """--reference sample|FILE.toml: (its name, its [model] and [train] values; a list or range: its first)."""
+def reference_values(reference: str) -> dict[str, Any]:
+    """--reference sample|FILE.toml: its [model] and [train] values (a list or range: its first)."""
     path = SAMPLE if reference == "sample" else Path(reference)
     if reference != "sample" and not path.is_file():
         raise SpecError(f"--reference {reference}: no such file; give 'sample' or a study file (TOML)")
@@ -182,7 +182,7 @@ def reference_values(reference: str) -> tuple[str, dict[str, Any]]:
             if key not in ("when", "seed"):  # a list or range: its first candidate, as the space's default
                 values[key] = value[0] if isinstance(value, list) else value.get("low") if isinstance(
                     value, dict) else value
-    return reference, values
+    return values
 
 
 def explain(spec: StudySpec, trial: FrozenTrial, reference: str, seeds: int, train_overrides: dict[str, Any],
@@ -196,8 +196,7 @@ def explain(spec: StudySpec, trial: FrozenTrial, reference: str, seeds: int, tra
     except (TypeError, ConfigError) as err:
         raise SpecError(f"--set: {err}") from None
     winner = dataclasses.replace(winner, train=train)
-    name, ref = reference_values(reference)
-    win_view, ref_view = _view(spec, winner, {}), _view(spec, winner, ref)
+    win_view, ref_view = _view(spec, winner), _view(spec, winner, reference_values(reference))
     factors = []
     for key, param in [*spec.model.items(), *spec.train.items()]:
         if not param.searched or key == "seed":
@@ -216,10 +215,10 @@ def explain(spec: StudySpec, trial: FrozenTrial, reference: str, seeds: int, tra
     reference_cfg = winner
     for f in factors:
         reference_cfg = _apply(reference_cfg, f.back, head_dim_space)
-    result = Explanation(spec.name, trial.number, name, winner, reference_cfg, tuple(factors),
+    result = Explanation(spec.name, trial.number, reference, winner, reference_cfg, tuple(factors),
                          tuple(range(seeds)), head_dim_space, path)
     if path and len(factors) > MAX_PATH_FACTORS:
-        raise SpecError(f"--path: {len(factors)} choices differ from the {name} config; a path takes at most "
+        raise SpecError(f"--path: {len(factors)} choices differ from the {reference} config; a path takes at most "
                         f"{MAX_PATH_FACTORS} (leave out --path, or give a --reference FILE.toml nearer the winner)")
     result.rows()  # a bad value: one line now, before any training
     return result
@@ -236,16 +235,17 @@ def _heads_together(factors: list[Factor]) -> list[Factor]:
     return [both if f is d else f for f in factors if f is not n]
 
 
-def _view(spec: StudySpec, winner: RunConfig, reference: dict[str, Any]) -> dict[str, Any]:
-    """Every key of the space as the search saw it (head_dim included), the winner's values overridden by the
-    reference's; conditional keys of the branch those values activate (the reference's, else the first choice)."""
+def _view(spec: StudySpec, winner: RunConfig, reference: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every key of the space as the search saw it (head_dim included): the winner's values; with `reference`,
+    each searched key the reference's value (else the space's first choice) and the conditional keys of the
+    branch those values activate (the reference's, else the first choice)."""
     model, train = winner.model.to_dict(), dataclasses.asdict(winner.train)
     view = {k: model[k] if k in model else train.get(k) for k in [*spec.model, *spec.train] if k != "head_dim"}
     if "head_dim" in spec.model:
         view["head_dim"] = model["d_model"] // model["nhead"]
     for parent in spec.when:
         view.update({k: model.get(k) for branch in spec.when[parent].values() for k in branch})
-    if not reference:
+    if reference is None:
         return view
     for key, param in [*spec.model.items(), *spec.train.items()]:
         if param.searched:

@@ -199,3 +199,10 @@ def test_a_path_run_by_two_workers_survives_sigterm_and_its_gains_are_the_stored
         gain = statistics.mean(value[step["row"], s] - value[before, s] for s in (0, 1))
         assert r["row"] == step["row"] and float(r["gain"]) == pytest.approx(gain, abs=1e-12)
         before = step["row"]
+
+
+def test_a_reference_file_that_sets_nothing_means_the_spaces_first_choices(tmp_path, tiny_store):
+    path, _, trial = a_search(tmp_path, tiny_store, d_model=24, pooling="mean")
+    empty = write_study(tmp_path / "empty.toml", "")
+    assert [(f.name, f.reference) for f in explain(load_spec(path), trial, str(empty), 2, {}).factors] == [
+        ("d_model", 16), ("pooling", "attention")]
