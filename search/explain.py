@@ -197,9 +197,9 @@ def explain(spec: StudySpec, trial: FrozenTrial, reference: str, seeds: int, tra
         raise SpecError(f"--set: {err}") from None
     winner = dataclasses.replace(winner, train=train)
     win_view, ref_view = _view(spec, winner), _view(spec, winner, reference_values(reference))
-    factors = []
+    factors, unused = [], winner.model.unused_keys()
     for key, param in [*spec.model.items(), *spec.train.items()]:
-        if not param.searched or key == "seed":
+        if not param.searched or key == "seed" or key in unused:  # the winner does not use it: nothing to put back
             continue
         if win_view[key] != ref_view[key]:
             keys = [key, *_branch_keys(spec, key)]
@@ -211,7 +211,7 @@ def explain(spec: StudySpec, trial: FrozenTrial, reference: str, seeds: int, tra
                     factors.append(Factor(child, win_view[child], ref_view[child], {child: ref_view[child]},
                                           {child: win_view[child]}))
     head_dim_space = "head_dim" in spec.model
-    factors = _heads_together(factors)
+    factors = [_with_woken(f, winner, ref_view, unused, head_dim_space) for f in _heads_together(factors)]
     reference_cfg = winner
     for f in factors:
         reference_cfg = _apply(reference_cfg, f.back, head_dim_space)
@@ -222,6 +222,15 @@ def explain(spec: StudySpec, trial: FrozenTrial, reference: str, seeds: int, tra
                         f"{MAX_PATH_FACTORS} (leave out --path, or give a --reference FILE.toml nearer the winner)")
     result.rows()  # a bad value: one line now, before any training
     return result
+
+
+def _with_woken(f: Factor, winner: RunConfig, ref_view: dict[str, Any], unused: set[str], head_dim_space: bool
+                ) -> Factor:
+    """Keys the winner does not use but its row with `f` put back does (putting `encoder` back from 'none'
+    wakes nhead, n_layers, dropout) take the reference's values too, not whatever the winner had left there."""
+    woken = unused - _apply(winner, f.back, head_dim_space).model.unused_keys()
+    extra = {k: ref_view[k] for k in sorted(woken) if k in ref_view and k not in f.back}
+    return dataclasses.replace(f, back={**f.back, **extra}) if extra else f
 
 
 def _heads_together(factors: list[Factor]) -> list[Factor]:
@@ -241,6 +250,9 @@ def _view(spec: StudySpec, winner: RunConfig, reference: dict[str, Any] | None =
     branch those values activate (the reference's, else the first choice)."""
     model, train = winner.model.to_dict(), dataclasses.asdict(winner.train)
     view = {k: model[k] if k in model else train.get(k) for k in [*spec.model, *spec.train] if k != "head_dim"}
+    for k in winner.model.unused_keys() & set(spec.model):  # not stored with the trial: the study file's value
+        if not spec.model[k].searched:
+            view[k] = spec.model[k].value
     if "head_dim" in spec.model:
         view["head_dim"] = model["d_model"] // model["nhead"]
     for parent in spec.when:

@@ -206,3 +206,14 @@ def test_a_reference_file_that_sets_nothing_means_the_spaces_first_choices(tmp_p
     empty = write_study(tmp_path / "empty.toml", "")
     assert [(f.name, f.reference) for f in explain(load_spec(path), trial, str(empty), 2, {}).factors] == [
         ("d_model", 16), ("pooling", "attention")]
+
+
+def test_keys_the_winner_does_not_use_are_no_choice_and_go_back_with_the_key_that_wakes_them(tmp_path):
+    spec = load_spec(write_study(tmp_path / "w.toml", SPACE.replace("nhead = 2", 'nhead = [2, 4]\nn_layers = 2\n'
+                                                                                'encoder = ["none", "transformer"]')))
+    cfg = spec.default_run_config()  # encoder none: nhead and n_layers configure nothing (not stored)
+    trial = create_trial(value=0.9, user_attrs={"run_config": cfg.to_shown_dict()})
+    factors = {f.name: f for f in explain(spec, trial, "sample", 2, {}).factors}
+    assert "nhead" not in factors and "n_layers" not in factors
+    # nhead (searched): the sample's; n_layers and ff_mult (fixed): the study file's, not the defaults left there
+    assert factors["encoder"].back == {"encoder": "transformer", "ff_mult": 2.0, "n_layers": 2, "nhead": 2}
