@@ -158,6 +158,8 @@ def _parser() -> argparse.ArgumentParser:
                         "study file's; keys it does not set take the search space's first choice")
     p.add_argument("--seeds", type=int, default=5, help="seeds per variant, paired (default 5; 6+ for a Wilcoxon "
                                                         "p that can go below 0.05)")
+    p.add_argument("--name", help="the explain study's name (default: SEARCH-explain-tN, SEARCH-explain-tN-path "
+                                   "with --path); another name keeps an earlier explain of the same trial")
     p.add_argument("--path", action="store_true",
                    help="a greedy path from the reference to the winner instead: each step adds the change that "
                         "helps most (mean over the seeds), compared with the step before, paired by seed")
@@ -370,7 +372,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise SpecError(f"trial {trial.number} of {spec.name!r} takes the reference's value for every searched key; "
                         "there is nothing to explain (try --reference FILE.toml)")
     rows, seeds = explanation.rows(), explanation.seeds
-    name = ex.study_name(spec.name, trial.number, args.path)
+    name = args.name or ex.study_name(spec.name, trial.number, args.path)
     if args.dry_run and args.slurm is None:
         print(ex.describe(explanation, trial, name, args.workers))
         return 0
@@ -384,7 +386,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                             f"{source.user_attrs['data_fingerprint']}, now {fingerprint}); explain it on its own data")
         attrs = {EXPLAIN_ATTR: explanation.attr(), **({} if args.path else {"rows": list(rows)})}  # path: as it runs
         return open_cells(explain_spec, ex.REFERENCE if args.path else ex.WINNER, seeds, explanation.identity(), url,
-                          fingerprint, wait, attrs)
+                          fingerprint, wait, attrs, rename="--name NEW")
 
     def setup(study) -> None:
         print(ex.describe(explanation, trial, name, args.workers, short=True))

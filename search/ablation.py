@@ -131,11 +131,12 @@ def open_ablation(ablation: AblationSpec, storage: str, data_fingerprint: str, w
 
 
 def open_cells(spec: StudySpec, baseline_row: str, seeds: tuple[int, ...], ident: dict[str, Any], storage: str,
-               data_fingerprint: str, wait: bool = False, attrs: dict[str, Any] | None = None) -> optuna.Study:
+               data_fingerprint: str, wait: bool = False, attrs: dict[str, Any] | None = None,
+               rename: str = "--set study.name=NEW") -> optuna.Study:
     """Create or resume a study of (row, seed) cells (no pruning: every cell trains its full budget), compared
     with `baseline_row`. `attrs`: more study user attrs: the rows in the report's order ("rows"), an explain's."""
     spec = dataclasses.replace(spec, pruner={"name": "none"})
-    study = create_or_resume(spec, storage, data_fingerprint, ident, wait=wait)
+    study = create_or_resume(spec, storage, data_fingerprint, ident, wait=wait, rename=rename)
     for key, value in (("kind", "ablation"), ("baseline_row", baseline_row), ("seeds", list(seeds)),
                        *(attrs or {}).items()):
         if study.user_attrs.get(key) != value:  # workers opening the study at once write nothing

@@ -123,10 +123,12 @@ def latest_state(checkpoints: TrialCheckpoints | None) -> Callable[[dict[str, An
 
 
 def create_or_resume(spec: StudySpec, storage_url: str, data_fingerprint: str,
-                     identity: dict[str, Any] | None = None, wait: bool = False) -> optuna.Study:
+                     identity: dict[str, Any] | None = None, wait: bool = False,
+                     rename: str = "--set study.name=NEW") -> optuna.Study:
     """Create the study, or resume it if it exists and was made from the same space, budget and data
     (`identity` replaces the spec's own, e.g. an ablation's rows and seeds). `wait`: a worker, which waits
-    up to study.storage_outage_s for a database that is away (others fail at once: likely a wrong URL)."""
+    up to study.storage_outage_s for a database that is away (others fail at once: likely a wrong URL).
+    `rename`: the option that names a new study, for the message when the identity differs."""
     storage = open_storage(storage_url, spec.heartbeat_interval, spec.grace_period, spec.storage_outage_s,
                            wait=wait)
     sampler, pruner = make_sampler(spec), make_pruner(spec)
@@ -150,7 +152,7 @@ def create_or_resume(spec: StudySpec, storage_url: str, data_fingerprint: str,
         key, old, new = first_difference(stored, identity)
         raise SpecError(
             f"{spec.path}: study {spec.name!r} in {storage_url} was created with a different {key}: "
-            f"{old} then, {new} now; resume it with the same settings or name a new study (--set study.name=NEW)"
+            f"{old} then, {new} now; resume it with the same settings or name a new study ({rename})"
         )
     elif study.user_attrs.get("data_fingerprint") != data_fingerprint:
         raise SpecError(

@@ -94,6 +94,13 @@ def test_bad_explain_input_is_one_line_and_dry_run_lists_the_variants_and_their_
                for line in out.splitlines()), out
     assert "at the winner's 80.0 steps/s" in out
     assert optuna.get_all_study_names(url) == ["s"]  # nothing created
+    # an explain of the same trial with other settings: refused, and --name keeps both
+    optuna.create_study(study_name="s-explain-t0", storage=url).set_user_attr("spec", {"explain": "another"})
+    assert run_study.main([*base, "--seeds", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "'s-explain-t0'" in err and "created with a different" in err and "(--name NEW)" in err
+    assert run_study.main([*base, "--seeds", "2", "--dry-run", "--name", "mine"]) == 0
+    assert "in study 'mine'" in capsys.readouterr().out
 
 
 def test_explain_resumes_after_sigint_with_no_cell_trained_twice_and_its_numbers_are_the_stored_trials(
