@@ -374,7 +374,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     rows, seeds = explanation.rows(), explanation.seeds
     name = args.name or ex.study_name(spec.name, trial.number, args.path)
     if args.dry_run and args.slurm is None:
-        print(ex.describe(explanation, trial, name, args.workers))
+        print(ex.describe(explanation, trial, name, args.workers, source.get_trials(deepcopy=False)))
         return 0
     explain_spec = dataclasses.replace(spec, name=name, storage=url)  # the search's storage, beside it
     if args.slurm is not None:
@@ -389,7 +389,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                           fingerprint, wait, attrs, rename="--name NEW")
 
     def setup(study) -> None:
-        print(ex.describe(explanation, trial, name, args.workers, short=True))
+        print(ex.describe(explanation, trial, name, args.workers, source.get_trials(deepcopy=False), short=True))
         if not args.path:  # the path queues each step's cells as it goes
             print(f"{enqueue_missing_cells(study, seeds, rows)} cell(s) queued of {len(rows) * len(seeds)}")
 

@@ -311,10 +311,34 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
-def cost_minutes(trial: FrozenTrial, steps: int) -> float | None:
-    """One cell's minutes at the winner's measured speed (variants differ in speed: an estimate)."""
-    rate = trial.user_attrs.get("steps_per_s")
-    return steps / rate / 60 if rate and math.isfinite(rate) and rate > 0 else None
+SPEED_KEYS = ("batch_size", "segment_len")  # the train keys a step's cost depends on (all model keys do)
+
+
+def row_minutes(e: Explanation, trial: FrozenTrial, searched: list[FrozenTrial]) -> dict[str, float] | None:
+    """Each row's minutes per cell: its steps at the median steps/s of the search's trials that share the choices
+    it changes (putting `encoder` back from 'none' can make a row 10x slower than the winner), else at the
+    winner's; None when the winner stored no speed."""
+    def rate(t: FrozenTrial) -> float | None:
+        r = t.user_attrs.get("steps_per_s")
+        return r if isinstance(r, (int, float)) and math.isfinite(r) and r > 0 else None
+
+    def costly(cfg: dict) -> dict:
+        return {**{("model", k): v for k, v in cfg["model"].items()},
+                **{("train", k): cfg["train"][k] for k in SPEED_KEYS}}
+
+    if rate(trial) is None:
+        return None
+    winner = costly(e.winner.to_dict())
+    known = [(costly(RunConfig.from_dict(c).to_dict()), rate(t)) for t in searched
+             if rate(t) and (c := run_config_of(t)) is not None]
+    minutes = {}
+    for row, cfg in e.rows().items():
+        values = costly(cfg.to_dict())
+        changed = {k: v for k, v in values.items() if winner[k] != v}
+        alike = sorted(r for seen, r in known if changed and all(seen.get(k) == v for k, v in changed.items()))
+        speed = alike[len(alike) // 2] if alike else rate(trial)
+        minutes[row] = cfg.train.max_steps / speed / 60
+    return minutes
 
 
 def n_cells(e: Explanation) -> int:
@@ -322,18 +346,21 @@ def n_cells(e: Explanation) -> int:
     return (1 + len(e.factors) * (len(e.factors) + 1) // 2 if e.path else len(e.rows())) * len(e.seeds)
 
 
-def describe(e: Explanation, trial: FrozenTrial, name: str, workers: str | None, short: bool = False) -> str:
-    """What explain runs: the factors, the variants, the cells and their cost at the winner's measured speed."""
+def describe(e: Explanation, trial: FrozenTrial, name: str, workers: str | None, searched: list[FrozenTrial],
+             short: bool = False) -> str:
+    """What explain runs: the factors, the variants, the cells and their cost (row_minutes)."""
     steps, cells = e.winner.train.max_steps, n_cells(e)
     what = (f"a greedy path through {len(e.factors)} changes: {cells // len(e.seeds)} rows" if e.path
             else f"{len(e.factors) + 1} variants")
     head = (f"explain trial {trial.number} of {e.source!r} (value {trial.value:.4f}) against the {e.reference_name} "
             f"config: {len(e.factors)} choice(s) differ; {what} x {len(e.seeds)} seeds = {cells} cells "
             f"of {steps} steps, in study {name!r}")
-    minutes = cost_minutes(trial, steps)
-    if minutes is None:
+    per_row = row_minutes(e, trial, searched)
+    if per_row is None:
         cost = "cost: unknown (the trial stored no steps_per_s)"
     else:
+        # the path runs some of the rows it could: at their mean cost
+        total = (statistics.mean(per_row.values()) * cells if e.path else sum(per_row.values()) * len(e.seeds))
         from search.status import duration_text
         from search.workers import parse_workers
 
@@ -341,10 +368,9 @@ def describe(e: Explanation, trial: FrozenTrial, name: str, workers: str | None,
             n = parse_workers(workers or "1")
         except ValueError:
             n = 1
-        cost = (f"cost: about {duration_text(minutes * 60)} per cell at the winner's "
-                f"{trial.user_attrs['steps_per_s']:.1f} steps/s (variants differ in speed), "
-                f"{minutes * cells:.1f} trial-minutes in all" +
-                (f", about {duration_text(minutes * cells * 60 / n)} on {n} workers" if n > 1 else ""))
+        cost = (f"cost: about {total:.1f} trial-minutes in all (each row at the median steps/s of the search's "
+                f"trials with the choices it changes, else at the winner's {trial.user_attrs['steps_per_s']:.1f})" +
+                (f", about {duration_text(total * 60 / n)} on {n} workers" if n > 1 else ""))
     if short:
         return f"{head}\n{cost}"
     width = max(len(WINNER), *(len(f.name if e.path else f.row) for f in e.factors))

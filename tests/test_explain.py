@@ -12,7 +12,7 @@ from optuna.trial import TrialState, create_trial
 import run_study
 from search.attrs import run_config_of
 from search.cells import cell_of
-from search.explain import explain
+from search.explain import explain, row_minutes
 from search.spec import load_spec
 from search.studyfile import SpecError
 from tests.conftest import write_study
@@ -92,7 +92,7 @@ def test_bad_explain_input_is_one_line_and_dry_run_lists_the_variants_and_their_
     assert "4 variants x 4 seeds = 16 cells of 40 steps, in study 's-explain-t0'" in out
     assert any(line.split() == "loss = ce puts back loss: am_softmax -> ce (with classifier, margin, scale)".split()
                for line in out.splitlines()), out
-    assert "at the winner's 80.0 steps/s" in out
+    assert "cost: about 0.1 trial-minutes in all" in out and "else at the winner's 80.0)" in out
     assert optuna.get_all_study_names(url) == ["s"]  # nothing created
     # an explain of the same trial with other settings: refused, and --name keeps both
     optuna.create_study(study_name="s-explain-t0", storage=url).set_user_attr("spec", {"explain": "another"})
@@ -224,3 +224,16 @@ def test_keys_the_winner_does_not_use_are_no_choice_and_go_back_with_the_key_tha
     assert "nhead" not in factors and "n_layers" not in factors
     # nhead (searched): the sample's; n_layers and ff_mult (fixed): the study file's, not the defaults left there
     assert factors["encoder"].back == {"encoder": "transformer", "ff_mult": 2.0, "n_layers": 2, "nhead": 2}
+
+
+def test_each_rows_cost_comes_from_the_search_trials_that_share_its_change(tmp_path, tiny_store):
+    path, _, trial = a_search(tmp_path, tiny_store)
+    spec = load_spec(path)
+    slow = dataclasses.replace(spec.default_run_config(), model=dataclasses.replace(
+        spec.default_run_config().model, pooling="mean", d_model=24))  # pooling "mean", as its row has it
+    others = [create_trial(value=0.1, user_attrs={"run_config": slow.to_shown_dict(), "steps_per_s": rate})
+              for rate in (10.0, 20.0, 30.0)]
+    e = explain(spec, trial, "sample", 2, {})
+    minutes = row_minutes(e, trial, [trial, *others])
+    assert minutes["pooling = mean"] == pytest.approx(40 / 20.0 / 60)  # the median of the three
+    assert minutes["winner"] == minutes["loss = ce"] == pytest.approx(40 / 80.0 / 60)  # nothing alike: the winner's
