@@ -2,7 +2,9 @@
 
 Leave-one-out: for each choice, the winner with it put back to the reference, and the contribution = winner - that
 row, paired by seed (the ablation table's delta with its sign turned: a positive contribution means the choice
-helps), with its 95% CI and Holm-adjusted paired p-values, ordered by contribution.
+helps), with its 95% CI and Holm-adjusted paired p-values, ordered by contribution, and a bar figure. Path
+(`--path`): each step of the greedy path against the step before it (the first against the reference), paired by
+seed, Holm across the steps, and a waterfall from the reference to where the path ends.
 """
 from __future__ import annotations
 
