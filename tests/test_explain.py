@@ -78,12 +78,14 @@ def test_d_model_and_nhead_go_back_together_where_one_alone_would_not_divide(tmp
 def test_bad_explain_input_is_one_line_and_dry_run_lists_the_variants_and_their_cost(tmp_path, tiny_store,
                                                                                         tiny_synthetic, capsys):
     path, url, _ = a_search(tmp_path, tiny_store)
+    same = write_study(tmp_path / "same.toml", '[model]\nd_model = 16\npooling = "attention"\nloss = "am_softmax"\n')
     base = ["explain", str(path), "--data", str(tiny_synthetic), "--storage", url]
     for extra, message in [(["--trial", "7"], "no complete trial 7; complete trials: 0"),
                            (["--set", "model.d_model=8"], "explain takes train.KEY=VALUE"),
                            (["--set", "train.nope=1"], "unknown key train.nope"),
                            (["--reference", "none.toml"], "--reference none.toml: no such file"),
-                           (["--seeds", "0"], "--seeds")]:
+                           (["--seeds", "0"], "--seeds"),
+                           (["--reference", str(same)], "there is nothing to explain")]:
         assert run_study.main([*base, *extra]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
