@@ -123,7 +123,9 @@ def test_ablation_and_search_tex_compile_and_fit_a_portrait_article_page(tmp_pat
     search_study(url)
     out = _report(tmp_path, "boss_ablation", url, "tex,csv,md")
     _report(tmp_path, "wide_search", url)
-    inputs = [out / "boss_ablation.tex", out / "wide_search.tex"]
+    assert run_study.main(["report", "boss_ablation", "wide_search", "--storage", url, "--format", "tex",
+                           "--out", str(out)]) == 0  # a comparison's .tex too
+    inputs = [out / "boss_ablation.tex", out / "wide_search.tex", out / "boss_ablation-vs-wide_search.tex"]
     for options in ("letterpaper", "a4paper", "a4paper,12pt"):  # 10pt by default: \textwidth 345pt on both papers
         log = _compile(out, inputs, options)
         assert "Float too large" not in log, options  # nor too tall: the stacked tabulars fit a page
