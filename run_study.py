@@ -14,6 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
+PREDICT_PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # search.precision.PRECISIONS; not imported: it loads torch
+
 EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_STORAGE, EXIT_DISK_FULL = 1, 2, 3, 4, 5  # as search/faults.py
 EXIT_TERMINATED = 143
 ENV_SET = "RUN_STUDY_SET"
@@ -228,6 +230,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="test utterances per batch (whole utterances)")
     p.add_argument("--other-data", action="store_true",
                    help="allow a dataset other than the training one (same speakers and n_mels)")
+    p.add_argument("--precision", choices=PREDICT_PRECISIONS,
+                   help="compute in this precision instead of the one each checkpoint was trained with")
+    p.add_argument("--threads", type=int, help="torch threads on the CPU (default: measured once per machine: all "
+                                               "cores only where they pay for their CPU-seconds, else one)")
     p.set_defaults(func=cmd_predict)
     return parser
 
@@ -719,6 +725,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     _check_positive("--batch-size", args.batch_size)
     _check_positive("--top-k", args.top_k)
+    _check_positive("--threads", args.threads)
     source = Path(args.source)
     if source.suffix == ".pt" or (source.is_file() and source.suffix != ".toml"):
         if args.trial or args.top_k:
@@ -741,11 +748,13 @@ def cmd_predict(args: argparse.Namespace) -> None:
         raise SpecError(f"{data}/testdata.json: missing or empty; predict needs the test utterances")
     for checkpoint in checkpoints:
         predict.check_compatible(checkpoint, store, data, args.other_data)
-    probs = predict.predict_proba(checkpoints, store, batch_size=args.batch_size)
+    threads = predict.set_threads(checkpoints[0], args.threads)
+    probs = predict.predict_proba(checkpoints, store, batch_size=args.batch_size, precision=args.precision)
     predicted = probs.argmax(axis=1)
     predict.write_submission(args.out, store, predicted)
     names = ", ".join(c.name for c in checkpoints)
-    print(f"wrote {args.out}: {len(predicted)} test utterances, {store.n_classes} speakers ({names})")
+    where = f"{threads} CPU thread{'s' if threads > 1 else ''}" if threads else "the GPU"
+    print(f"wrote {args.out}: {len(predicted)} test utterances, {store.n_classes} speakers ({names}), on {where}")
     if args.labels:
         accuracy, n = predict.score(args.labels, store, predicted)
         print(f"accuracy {accuracy:.4f} on {n} labelled test utterances ({args.labels})")

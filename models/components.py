@@ -42,7 +42,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
                                                  other_type=None, other_name="", target_type=x.dtype)
             scores = scores + key_padding_mask[:, None, None, :]
-        weights = dropout(scores.softmax(-1), attention.dropout, True)
+        weights = dropout(scores.float().softmax(-1).to(v.dtype), attention.dropout, True)  # fp32 under autocast
         out = (weights @ v).transpose(1, 2).reshape(b, t, d)
         return self.dropout1(attention.out_proj(out))
 

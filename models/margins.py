@@ -30,7 +30,9 @@ class CosineClassifier(nn.Module):
         self.scale = float(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1))  # (B, C)
+        # fp32 under autocast too: the margin losses work on these cosines, where bf16 steps of 1/128 are large.
+        with torch.autocast(x.device.type, enabled=False):
+            return self.scale * F.linear(F.normalize(x.float(), dim=-1), F.normalize(self.weight.float(), dim=-1))
 
 
 @CLASSIFIERS.register("cosine")

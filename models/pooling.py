@@ -26,6 +26,7 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     0 when a row has a valid frame, and a row without one gives zeros instead of NaN.
     """
     pad = mask if scores.dim() == 2 else mask.unsqueeze(-1)
+    scores = scores.float()  # in fp32 under autocast too
     weights = torch.softmax(scores.masked_fill(pad, torch.finfo(scores.dtype).min), dim=1)
     return weights.masked_fill(pad, 0.0)
 

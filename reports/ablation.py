@@ -29,11 +29,12 @@ def ablation_cells(study: optuna.Study) -> pd.DataFrame:
     keeps its first one, by trial number; the others are dropped and listed in attrs["duplicates"]."""
     rows = [
         {"trial": t.number, "variant": cell[0], "seed": cell[1], "state": t.state.name.lower(),
-         "value": t.value if t.state == optuna.trial.TrialState.COMPLETE else math.nan}
+         "value": t.value if t.state == optuna.trial.TrialState.COMPLETE else math.nan,
+         "precision": t.user_attrs.get("precision")}
         for t in study.get_trials(deepcopy=False)
         if t.state != optuna.trial.TrialState.WAITING and "variant" in t.params and (cell := cell_of(t))
     ]
-    cells = pd.DataFrame(rows, columns=["trial", "variant", "seed", "state", "value"])
+    cells = pd.DataFrame(rows, columns=["trial", "variant", "seed", "state", "value", "precision"])
     extra = (cells["state"] == "complete") & cells[cells["state"] == "complete"].duplicated(["variant", "seed"])
     extra = extra.reindex(cells.index, fill_value=False)
     duplicates = cells.loc[extra, "trial"].tolist()
@@ -48,6 +49,19 @@ def duplicates_note(cells: pd.DataFrame) -> str:
         return ""
     return (f"Note: {len(dropped)} cell(s) had a second complete trial (trial(s) {', '.join(map(str, dropped))}); "
             "each cell uses its first complete trial, the later ones are ignored.")
+
+
+def precision_note(cells: pd.DataFrame) -> str:
+    """What the complete cells computed in (train.precision, as resolved on their machines); a warning when it
+    differs between cells, since the variants are then not compared on equal terms."""
+    done = cells.loc[cells["state"] == "complete", "precision"].dropna()
+    if done.empty:
+        return ""
+    counts = done.value_counts()
+    if len(counts) == 1:
+        return f"Every cell computed in {counts.index[0]}."
+    return ("Note: the cells computed in different precisions (" + ", ".join(f"{k}: {n}" for k, n in counts.items())
+            + "); set train.precision to one value to compare the variants on equal terms.")
 
 
 def ablation_frame(study: optuna.Study, cells: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -84,7 +98,8 @@ def ablation_report(study: optuna.Study) -> Report:
     by_seed.attrs["latex"] = "seeds"  # exported to LaTeX too, after the main table (label tab:STUDY-seeds)
     sections = [
         # floatfmt: tabulate reads "1.00" as a number and reprints it; "#.3g" gives back the display's own text
-        Section(text="\n\n".join(filter(None, [intro, duplicates_note(cells)])), table=display, floatfmt="#.3g",
+        Section(text="\n\n".join(filter(None, [intro, precision_note(cells), duplicates_note(cells)])), table=display,
+                floatfmt="#.3g",
                 note=legend(display, study.user_attrs.get("baseline_row"))),
         Section("Cells by seed: best validation accuracy",
                 "Each (variant, seed) cell's best validation accuracy over its evaluations (the trial's value: its "

@@ -14,7 +14,7 @@ from reports.figures import IMPORTANCE_NOTE, choice_figures, search_figures
 from search.attrs import run_config_of
 from search.origin import COMMAND_ATTR, search_command, study_handle
 
-ATTR_COLUMNS = ("n_params", "flops_per_segment", "steps_run", "steps_per_s", "best_step", "seed",
+ATTR_COLUMNS = ("n_params", "flops_per_segment", "steps_run", "steps_per_s", "best_step", "seed", "precision",
                 "stopped_at_deadline")  # the step a trial running at the study's deadline stopped at
 COUNT_COLUMNS = ("n_params", "flops_per_segment")  # shown as 13.3 M rather than 13251584
 MIN_IMPORTANCE_TRIALS = 20  # below this many complete trials an importance is flagged as a rough hint

@@ -7,6 +7,7 @@ from typing import Any
 from data.batches import VALID_MODES
 from models import ConfigError, ModelConfig
 from models.config import known_keys
+from search.precision import PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     segment_len: int = 128
     seed: int = 87
-    amp: bool = True  # mixed precision, on CUDA only
+    amp: bool = True  # false: fp32 whatever precision says (the older switch, kept for study files that use it)
+    # "auto": measured per machine (search.precision): bf16 on CPUs where it is native and pays, else fp32 through
+    # the fastest fp32-exact matmul route; on CUDA autocast (bf16, or fp16 where the GPU has no bf16).
+    precision: str = "auto"
     # A time budget per trial (0: none): after the first evaluation window the run is sized to the steps that
     # fit, measured at its own speed (at most max_steps), and the LR schedule ends there.
     max_minutes: float = 0.0
@@ -34,6 +38,7 @@ class TrainConfig:
         for key in ("weight_decay", "grad_clip", "max_minutes"):
             _check(self, key, lambda v: _number(v) and v >= 0, "a number >= 0")
         _check(self, "amp", lambda v: isinstance(v, bool), "true or false")
+        _check(self, "precision", lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}")
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ Kaggle HW4 format (Id,Category: feature_path, speaker name), scored against a la
 from __future__ import annotations
 
 import csv
+import dataclasses
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,8 +33,10 @@ from search.checkpoints import (
 from search.config import RunConfig
 from search.final import pick_trial
 from search.origin import same_shape
+from search.precision import probe, probe_shape
 from search.spec import SpecError
-from search.train import autocast, default_device
+from search.train import default_device, run_precision
+from search.workers import usable_cores
 
 
 @dataclass
@@ -130,11 +133,26 @@ def check_compatible(checkpoint: Checkpoint, store: PackedStore, data: Path, oth
                         f"trained on {values['fingerprint']}); same speakers, so --other-data predicts anyway")
 
 
+def set_threads(checkpoint: Checkpoint, threads: int | None) -> int:
+    """Size torch's threads for predicting on the CPU (0 on a GPU): `threads`, else the per-machine probe's choice
+    at the model's shapes (one thread unless more pay for their CPU-seconds)."""
+    if default_device().type == "cuda":
+        return 0
+    if threads is None:
+        cfg = RunConfig.from_dict(checkpoint.values["config"])
+        m, t = cfg.model, cfg.train
+        threads = probe(probe_shape(m.d_model, m.dim_feedforward, t.batch_size, t.segment_len),
+                        threads=len(usable_cores())).predict_threads
+    torch.set_num_threads(threads)
+    return threads
+
+
 @torch.no_grad()
 def predict_proba(checkpoints: list[Checkpoint], store: PackedStore, device: torch.device | None = None,
-                  batch_size: int = 64) -> np.ndarray:
+                  batch_size: int = 64, precision: str | None = None) -> np.ndarray:
     """(n_test, n_classes): the mean softmax of the checkpoints over whole test utterances, in testdata.json's
-    order. Batches hold utterances of similar length (sorted), padded and masked."""
+    order. Batches hold utterances of similar length (sorted), padded and masked. `precision` (train.precision's
+    values) overrides each checkpoint's own: a bf16-trained model predicts in fp32 as well, and the other way."""
     device = device or default_device()
     test = store.test_indices
     batches = fixed_valid_batches(store, test, 1, batch_size, 0, "full")
@@ -145,12 +163,16 @@ def predict_proba(checkpoints: list[Checkpoint], store: PackedStore, device: tor
         model = build_model(cfg.model, store.n_mels, store.n_classes)
         model.load_state_dict(checkpoint.values["model"])
         model.to(device).eval()
-        for batch in batches:
-            batch = batch.to(device)
-            with autocast(device, enabled=cfg.train.amp):
-                logits = model(batch.x, batch.lengths)
-            rows = [row_of[int(i)] for i in batch.index.cpu()]
-            probs[rows] += torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        if precision is not None:
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
+        chosen = run_precision(cfg, device)
+        with chosen.applied():
+            for batch in batches:
+                batch = batch.to(device)
+                with chosen.autocast(device):
+                    logits = model(batch.x, batch.lengths)
+                rows = [row_of[int(i)] for i in batch.index.cpu()]
+                probs[rows] += torch.softmax(logits.float(), dim=-1).cpu().numpy()
     return probs / len(checkpoints)
 
 

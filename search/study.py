@@ -25,7 +25,7 @@ from search.train import default_device, resumable, train
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 RESULT_ATTRS = ("n_params", "flops_per_segment", "steps_run", "steps_per_s", "samples_per_s", "best_valid_acc",
-                "best_step", "budget_steps", "device")
+                "best_step", "budget_steps", "device", "precision")
 
 
 def make_objective(spec: StudySpec, store: PackedStore, artifact_store=None, log: Callable[[str], None] = print,

@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,12 +15,14 @@ from data.packed import PackedStore
 from models import SpeakerClassifier, build_model, count_parameters
 from models.flops import forward_flops
 from search.config import RunConfig
+from search.precision import Precision, probe_shape, resolve
 
 # (step, validation accuracy) -> True when the caller wants the run stopped (e.g. an Optuna prune).
 Reporter = Callable[[int, float], bool]
 # Called after each evaluation with the whole training state (see training_state), to keep it as a checkpoint.
 StateSaver = Callable[[dict[str, Any]], None]
 STATE_FORMAT = 1
+FP32 = Precision()
 
 NAN_CHECK_EVERY = 25  # steps between loss checks; each check is a host sync on CUDA
 
@@ -41,6 +42,7 @@ class TrainResult:
     steps_per_s: float
     samples_per_s: float
     device: str
+    precision: str = "fp32"  # what it computed in (Precision.label): "bf16", "fp32", "fp32 (oneDNN)"
     budget_steps: int = 0  # the steps the run was sized to: max_steps, or fewer to fit train.max_minutes
     history: list[dict[str, float]] = field(default_factory=list)
     best_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -68,13 +70,13 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: SpeakerClassifier, batches: list, device: torch.device, amp: bool = False) -> float:
+def evaluate(model: SpeakerClassifier, batches: list, device: torch.device, precision: Precision = FP32) -> float:
     """Accuracy over fixed validation batches (no margin: argmax of the plain logits)."""
     model.eval()
     correct = total = 0
     for batch in batches:
         batch = batch.to(device)
-        with autocast(device, enabled=amp):
+        with precision.autocast(device):
             logits = model(batch.x, batch.lengths)
         correct += int((logits.argmax(-1) == batch.y).sum())
         total += len(batch.y)
@@ -96,8 +98,23 @@ def train(
     evaluation and stop early when the reporter says so. Raises NonFiniteLossError on NaN/inf loss.
     `on_step` runs before every step (the runner raises a pending SIGINT/SIGTERM there). `save_state` gets
     the training state after each evaluation; `resume` (such a state, from this cfg and data) continues it:
-    on CPU the result is bit-identical to a run that was never interrupted. `on_eval` gets each history point."""
-    t, device = cfg.train, torch.device(device) if device else default_device()
+    on CPU the result is bit-identical to a run that was never interrupted. `on_eval` gets each history point.
+    train.precision decides what it computes in (search.precision); the result says which."""
+    device = torch.device(device) if device else default_device()
+    precision = run_precision(cfg, device)
+    with precision.applied():
+        return _train(cfg, store, device, precision, reporter, on_step, resume, save_state, on_eval)
+
+
+def run_precision(cfg: RunConfig, device: torch.device) -> Precision:
+    """What a run of `cfg` computes in on `device` (on CPU, measured once per machine at the model's shapes)."""
+    m, t = cfg.model, cfg.train
+    return resolve(t.precision, device, t.amp, probe_shape(m.d_model, m.dim_feedforward, t.batch_size, t.segment_len))
+
+
+def _train(cfg: RunConfig, store: PackedStore, device: torch.device, precision: Precision, reporter, on_step,
+           resume, save_state, on_eval) -> TrainResult:
+    t = cfg.train
     seed_everything(t.seed)
     train_idx, valid_idx = split(store.labels[: store.n_train], cfg.data.valid_fraction, cfg.data.split_seed)
     sampler = CropSampler(store, train_idx, t.segment_len, t.batch_size, seed=t.seed)
@@ -106,11 +123,10 @@ def train(
     model = build_model(cfg.model, store.n_mels, store.n_classes).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup_steps, t.max_steps))
-    use_amp = t.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported())
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_scaler())
 
     flops = forward_flops(model, store.n_mels, t.segment_len)
-    result = TrainResult(0.0, 0, 0, False, count_parameters(model), flops, 0.0, 0.0, str(device))
+    result = TrainResult(0.0, 0, 0, False, count_parameters(model), flops, 0.0, 0.0, str(device), precision.label)
     loss_sum, loss_steps, train_seconds, tick = torch.zeros((), device=device), 0, 0.0, time.perf_counter()
     set_margin_step = getattr(model.criterion, "set_step", None)  # margin losses' warm-up
     step, wall_start = 0, time.perf_counter()
@@ -127,7 +143,7 @@ def train(
         batch = sampler.next_batch().to(device)
         if set_margin_step is not None:
             set_margin_step(step - 1)  # steps done so far: a warmed-up margin starts at 0, like the LR factor
-        with autocast(device, enabled=use_amp):
+        with precision.autocast(device):
             logits = model(batch.x, batch.lengths)
         loss = model.criterion(logits.float(), batch.y)
         optimizer.zero_grad(set_to_none=True)
@@ -147,7 +163,7 @@ def train(
         if not evaluating:
             continue
         train_seconds += _elapsed(tick, device)
-        accuracy = evaluate(model, valid, device, use_amp)
+        accuracy = evaluate(model, valid, device, precision)
         result.history.append(
             {"step": step, "train_loss": loss_sum.item() / loss_steps, "valid_acc": accuracy,
              "lr": optimizer.param_groups[0]["lr"]}
@@ -230,13 +246,6 @@ def _restore(state: dict[str, Any], cfg: RunConfig, store: PackedStore, model, o
     result.best_state = state["best_state"]
     result.steps_run = state["step"]
     return state["step"]
-
-
-def autocast(device: torch.device, enabled: bool):
-    if device.type != "cuda" or not enabled:
-        return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
 
 
 def _elapsed(tick: float, device: torch.device) -> float:

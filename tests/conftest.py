@@ -1,6 +1,7 @@
 """Shared fixtures: tiny valid HW4 folders written into tmp_path."""
 
 import json
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -180,6 +181,13 @@ def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]
         return
     with fresh_database(request.param) as url:
         yield url
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_precision_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The per-machine precision probe (search.precision) caches into the test session's folder, shared by every
+    test and CLI process of the session, never into the developer's ~/.cache."""
+    os.environ["HW4_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(autouse=True)
