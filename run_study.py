@@ -748,7 +748,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         raise SpecError(f"{data}/testdata.json: missing or empty; predict needs the test utterances")
     for checkpoint in checkpoints:
         predict.check_compatible(checkpoint, store, data, args.other_data)
-    threads = predict.set_threads(checkpoints[0], args.threads)
+    threads = predict.set_threads(checkpoints[0], store, args.threads)
     probs = predict.predict_proba(checkpoints, store, batch_size=args.batch_size, precision=args.precision)
     predicted = probs.argmax(axis=1)
     predict.write_submission(args.out, store, predicted)

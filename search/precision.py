@@ -17,19 +17,24 @@ import functools
 import hashlib
 import json
 import os
+import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from search.config import RunConfig
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FP32_LEVEL = 1e-5  # relative error vs float64 an "fp32" route may have (fp32 GEMM ~3e-7 at K=512, bf16 ~3e-3)
 BF16_MIN_SPEEDUP = 1.5  # auto takes bf16 on CPU only when a training block is this much faster than fp32
 PREDICT_MIN_SPEEDUP_PER_THREAD = 0.75  # predict uses all cores only when they pay: else one thread is cheaper
-PROBE_SECONDS = 0.06  # CPU-seconds timed per route (after a warm-up call)
+PROBE_SECONDS = 0.2  # CPU-seconds timed per route (at least 3 steps, after a warm-up step)
 CACHE_ENV = "HW4_CACHE_DIR"
 ROUTES = ("default", "onednn")  # how fp32 matmuls run on CPU
 
@@ -74,13 +79,13 @@ class Precision:
 @dataclass(frozen=True)
 class RouteTiming:
     route: str  # "default", "onednn" or "bf16" (autocast)
-    blocks_per_cpu_s: float  # training blocks (forward + backward) per CPU-second
-    rel_error: float  # matmul error vs float64, relative (Frobenius)
+    steps_per_cpu_s: float  # training steps of the model (forward, backward, AdamW) per CPU-second
+    rel_error: float  # error of a matmul at the model's shapes vs float64, relative (Frobenius)
 
 
 @dataclass(frozen=True)
 class ProbeResult:
-    shape: tuple[int, int, int]  # (M, K, N) of the timed block
+    key: str  # the model's shape (probe_key)
     threads: int
     timings: tuple[RouteTiming, ...]
     seconds: float  # wall time the probe took
@@ -93,29 +98,33 @@ class ProbeResult:
     def fp32_route(self) -> str:
         """The fastest route whose error is fp32-level (the default one always is)."""
         ok = [t for t in self.timings if t.route in ROUTES and t.rel_error <= FP32_LEVEL]
-        return max(ok, key=lambda t: t.blocks_per_cpu_s).route if ok else "default"
+        return max(ok, key=lambda t: t.steps_per_cpu_s).route if ok else "default"
 
     @property
     def bf16_speedup(self) -> float:
-        """bf16 autocast's blocks per CPU-second over the chosen fp32 route's."""
-        return self.timing("bf16").blocks_per_cpu_s / self.timing(self.fp32_route).blocks_per_cpu_s
+        """bf16 autocast's steps per CPU-second over the chosen fp32 route's."""
+        return self.timing("bf16").steps_per_cpu_s / self.timing(self.fp32_route).steps_per_cpu_s
 
     def decision(self) -> Precision:
         dtype = "bf16" if self.bf16_speedup >= BF16_MIN_SPEEDUP else "fp32"
         return Precision(dtype, self.fp32_route)
 
 
-def probe_shape(d_model: int, ff: int, batch_size: int, segment_len: int) -> tuple[int, int, int]:
-    """The (M, K, N) of a model's feed-forward matmuls, M (the frames of a batch) capped so a probe stays a
-    fraction of a second."""
-    k, n = max(8, d_model), max(8, ff)
-    return (max(64, min(batch_size * segment_len, 2048, 2**27 // (k * n))), k, n)
+SHAPE_KEYS = ("encoder", "d_model", "nhead", "n_layers", "ff_mult", "subsample", "prenet", "conv_kernel",
+              "conv_expansion")  # what sets a step's cost; pooling, head and loss matter little and vary per trial
 
 
-def resolve(precision: str, device: torch.device, amp: bool = True, shape: tuple[int, int, int] | None = None
-            ) -> Precision:
-    """train.precision (and the older train.amp) -> what this run computes in on `device`. An explicit fp32 on
-    CPU still takes the measured fastest fp32-level route."""
+def probe_key(cfg: RunConfig, n_mels: int, n_classes: int) -> str:
+    m, t = cfg.model, cfg.train
+    used = [k for k in SHAPE_KEYS if k not in m.unused_keys()]
+    return ",".join([*(f"{k}={getattr(m, k)}" for k in used), f"batch={t.batch_size}", f"seg={t.segment_len}",
+                     f"mels={n_mels}", f"classes={n_classes}"])
+
+
+def resolve(cfg: RunConfig, device: torch.device, n_mels: int, n_classes: int) -> Precision:
+    """cfg's train.precision (and the older train.amp) -> what a run of it computes in on `device`. An explicit
+    fp32 on CPU still takes the measured fastest fp32-level route."""
+    precision, amp = cfg.train.precision, cfg.train.amp
     if precision not in PRECISIONS:
         raise ValueError(f"train.precision={precision!r} must be one of {', '.join(PRECISIONS)}")
     if device.type == "cuda":
@@ -126,91 +135,110 @@ def resolve(precision: str, device: torch.device, amp: bool = True, shape: tuple
         return Precision(precision)
     if precision in ("bf16", "fp16"):
         return Precision(precision)
-    result = probe(shape or probe_shape(80, 256, 32, 128))
+    result = probe(cfg, n_mels, n_classes)
     if precision == "fp32" or not amp:
         return Precision("fp32", result.fp32_route)
     return result.decision()
 
 
-def probe(shape: tuple[int, int, int], threads: int | None = None, cache: bool = True) -> ProbeResult:
-    """The timings at `shape` with this process's threads: from the per-machine cache, or measured (and cached)."""
+def probe(cfg: RunConfig, n_mels: int, n_classes: int, threads: int | None = None, cache: bool = True
+          ) -> ProbeResult:
+    """The timings of cfg's model with `threads` (this process's): from the per-machine cache, or measured."""
     threads = threads or torch.get_num_threads()
-    key = f"{_machine()}|t{threads}|{shape[0]}x{shape[1]}x{shape[2]}"
+    key = probe_key(cfg, n_mels, n_classes)
+    entry = f"{_machine()}|t{threads}|{key}"
     path = cache_path()
     if cache:
-        found = _read_cache(path).get(key)
+        found = _read_cache(path).get(entry)
         if found is not None:
             with contextlib.suppress(TypeError, KeyError, ValueError):
                 return _from_json(found)
-    result = measure(shape, threads)
+    result = measure(cfg, n_mels, n_classes, threads)
     if cache:
-        _write_cache(path, key, result)
+        _write_cache(path, entry, result)
     return result
 
 
-def measure(shape: tuple[int, int, int], threads: int) -> ProbeResult:
-    """Time a Linear-GELU-Linear block, forward and backward, at `shape` through each route (CPU-seconds, this
-    process's threads), plus one thread vs `threads` for predict; each matmul's error against float64."""
+def measure(cfg: RunConfig, n_mels: int, n_classes: int, threads: int) -> ProbeResult:
+    """Time training steps of cfg's model on random data through each route (CPU-seconds, `threads` threads),
+    one thread vs `threads` for predict, and a matmul at its shapes against float64. The caller's random state
+    and thread count are left as they were."""
     start, before = time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with torch.enable_grad():  # predict calls it under no_grad
-            return _measure(shape, threads, start)
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():  # predict calls it under no_grad
+            return _measure(cfg, n_mels, n_classes, threads, start)
     finally:
         torch.set_num_threads(before)
 
 
-def _measure(shape: tuple[int, int, int], threads: int, start: float) -> ProbeResult:
-    m, k, n = shape
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(m, k, generator=gen)
-    w1 = (torch.randn(n, k, generator=gen) / k**0.5).requires_grad_()
-    w2 = (torch.randn(k, n, generator=gen) / n**0.5).requires_grad_()
-    reference = x.double() @ w1.detach().double().T
-    timings = []
+def _measure(cfg: RunConfig, n_mels: int, n_classes: int, threads: int, start: float) -> ProbeResult:
+    from models import build_model
+
+    m, t = cfg.model, cfg.train
+    torch.manual_seed(0)
+    model = build_model(m, n_mels, n_classes)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    x = torch.randn(t.batch_size, t.segment_len, n_mels)
+    lengths = torch.full((t.batch_size,), t.segment_len)
+    y = torch.randint(0, n_classes, (t.batch_size,))
+    k, n = m.d_model, m.dim_feedforward
+    a, w = torch.randn(min(2048, t.batch_size * t.segment_len), k), torch.randn(n, k) / k**0.5
+    reference = a.double() @ w.double().T
+    steps, errors = {}, {}
     for route in (*ROUTES, "bf16"):
-        precision = Precision("bf16" if route == "bf16" else "fp32", "default" if route == "bf16" else route)
-        with precision.applied():
-            def block(precision: Precision = precision) -> None:
+        precision = Precision("bf16", "default") if route == "bf16" else Precision("fp32", route)
+
+        def step(precision: Precision = precision) -> None:
+            with precision.applied():
                 with precision.autocast(torch.device("cpu")):
-                    out = F.linear(F.gelu(F.linear(x, w1)), w2)
-                out.float().sum().backward()
+                    logits = model(x, lengths)
+                loss = model.criterion(logits.float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
 
-            with torch.no_grad(), precision.autocast(torch.device("cpu")):
-                got = F.linear(x, w1).double()
-            error = float((got - reference).norm() / reference.norm())
-            timings.append(RouteTiming(route, 1.0 / _cpu_seconds_per_call(block), error))
-    predict_threads = _predict_threads(x, w1.detach(), threads)
-    return ProbeResult(shape, threads, tuple(timings), time.perf_counter() - start, predict_threads)
+        with precision.applied(), torch.no_grad(), precision.autocast(torch.device("cpu")):
+            got = F.linear(a, w).double()
+        errors[route] = float((got - reference).norm() / reference.norm())
+        step()  # warm-up: oneDNN builds its kernels on the first call
+        steps[route] = step
+    costs = _interleaved_costs(steps)
+    timings = [RouteTiming(route, 1.0 / costs[route], errors[route]) for route in steps]
+    model.eval()
+    with torch.no_grad():
+        predict_threads = _predict_threads(lambda: model(x, lengths), threads)
+    return ProbeResult(probe_key(cfg, n_mels, n_classes), threads, tuple(timings), time.perf_counter() - start,
+                       predict_threads)
 
 
-def _cpu_seconds_per_call(fn) -> float:
-    fn()  # warm-up: oneDNN builds its kernel on the first call
-    calls, start = 0, time.process_time()
-    while (spent := time.process_time() - start) < PROBE_SECONDS or calls < 2:
-        fn()
-        calls += 1
-    return max(spent, 1e-9) / calls
+def _interleaved_costs(calls: dict) -> dict[str, float]:
+    """CPU-seconds per call of each function: rounds of one call each, median per function, so a slow spell of a
+    shared machine hits them alike; PROBE_SECONDS per function in all, and at least 3 rounds."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    spent = 0.0
+    while spent < PROBE_SECONDS * len(calls) or len(times[next(iter(calls))]) < 3:
+        for name, fn in calls.items():
+            start = time.process_time()
+            fn()
+            times[name].append(time.process_time() - start)
+            spent += times[name][-1]
+    return {name: max(statistics.median(t), 1e-9) for name, t in times.items()}
 
 
-def _predict_threads(x: torch.Tensor, w: torch.Tensor, threads: int) -> int:
+def _predict_threads(forward, threads: int) -> int:
     """All `threads` for predict only when their wall-clock speed-up pays for the extra CPU-seconds."""
     if threads <= 1:
         return 1
-    before = torch.get_num_threads()
-    try:
-        speeds = {}
-        for t in (1, threads):
-            torch.set_num_threads(t)
-            with torch.no_grad():
-                F.linear(x, w)
-                calls, start = 0, time.perf_counter()
-                while (spent := time.perf_counter() - start) < PROBE_SECONDS / 2 or calls < 2:
-                    F.linear(x, w)
-                    calls += 1
-            speeds[t] = calls / spent
-    finally:
-        torch.set_num_threads(before)
+    speeds = {}
+    for count in (1, threads):
+        torch.set_num_threads(count)
+        forward()
+        calls, start = 0, time.perf_counter()
+        while (spent := time.perf_counter() - start) < PROBE_SECONDS / 2 or calls < 2:
+            forward()
+            calls += 1
+        speeds[count] = calls / spent
     return threads if speeds[threads] / speeds[1] >= PREDICT_MIN_SPEEDUP_PER_THREAD * threads else 1
 
 
@@ -251,6 +279,6 @@ def _write_cache(path: Path, key: str, result: ProbeResult) -> None:
 
 
 def _from_json(values: dict) -> ProbeResult:
-    return ProbeResult(tuple(values["shape"]), int(values["threads"]),
+    return ProbeResult(str(values["key"]), int(values["threads"]),
                        tuple(RouteTiming(**t) for t in values["timings"]), float(values["seconds"]),
                        int(values.get("predict_threads", 1)))

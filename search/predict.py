@@ -33,9 +33,9 @@ from search.checkpoints import (
 from search.config import RunConfig
 from search.final import pick_trial
 from search.origin import same_shape
-from search.precision import probe, probe_shape
+from search.precision import probe, resolve
 from search.spec import SpecError
-from search.train import default_device, run_precision
+from search.train import default_device
 from search.workers import usable_cores
 
 
@@ -133,16 +133,14 @@ def check_compatible(checkpoint: Checkpoint, store: PackedStore, data: Path, oth
                         f"trained on {values['fingerprint']}); same speakers, so --other-data predicts anyway")
 
 
-def set_threads(checkpoint: Checkpoint, threads: int | None) -> int:
+def set_threads(checkpoint: Checkpoint, store: PackedStore, threads: int | None) -> int:
     """Size torch's threads for predicting on the CPU (0 on a GPU): `threads`, else the per-machine probe's choice
     at the model's shapes (one thread unless more pay for their CPU-seconds)."""
     if default_device().type == "cuda":
         return 0
     if threads is None:
         cfg = RunConfig.from_dict(checkpoint.values["config"])
-        m, t = cfg.model, cfg.train
-        threads = probe(probe_shape(m.d_model, m.dim_feedforward, t.batch_size, t.segment_len),
-                        threads=len(usable_cores())).predict_threads
+        threads = probe(cfg, store.n_mels, store.n_classes, threads=len(usable_cores())).predict_threads
     torch.set_num_threads(threads)
     return threads
 
@@ -165,7 +163,7 @@ def predict_proba(checkpoints: list[Checkpoint], store: PackedStore, device: tor
         model.to(device).eval()
         if precision is not None:
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
-        chosen = run_precision(cfg, device)
+        chosen = resolve(cfg, device, store.n_mels, store.n_classes)
         with chosen.applied():
             for batch in batches:
                 batch = batch.to(device)

@@ -15,7 +15,7 @@ from data.packed import PackedStore
 from models import SpeakerClassifier, build_model, count_parameters
 from models.flops import forward_flops
 from search.config import RunConfig
-from search.precision import Precision, probe_shape, resolve
+from search.precision import Precision, resolve
 
 # (step, validation accuracy) -> True when the caller wants the run stopped (e.g. an Optuna prune).
 Reporter = Callable[[int, float], bool]
@@ -101,15 +101,9 @@ def train(
     on CPU the result is bit-identical to a run that was never interrupted. `on_eval` gets each history point.
     train.precision decides what it computes in (search.precision); the result says which."""
     device = torch.device(device) if device else default_device()
-    precision = run_precision(cfg, device)
+    precision = resolve(cfg, device, store.n_mels, store.n_classes)
     with precision.applied():
         return _train(cfg, store, device, precision, reporter, on_step, resume, save_state, on_eval)
-
-
-def run_precision(cfg: RunConfig, device: torch.device) -> Precision:
-    """What a run of `cfg` computes in on `device` (on CPU, measured once per machine at the model's shapes)."""
-    m, t = cfg.model, cfg.train
-    return resolve(t.precision, device, t.amp, probe_shape(m.d_model, m.dim_feedforward, t.batch_size, t.segment_len))
 
 
 def _train(cfg: RunConfig, store: PackedStore, device: torch.device, precision: Precision, reporter, on_step,
