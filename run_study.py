@@ -588,6 +588,7 @@ def _say_done(args, spec, study, stats, url: str, top: int) -> None:
     (An ablation prints its table: that is its result.) -v prints the whole report."""
     from reports import DEFAULT_FORMATS, write_report
     from reports.tables import budget_starved
+    from search.attrs import best_of
     from search.checkpoints import best_checkpoint_id
     from search.origin import study_handle
     from search.progress import params_text
@@ -601,7 +602,7 @@ def _say_done(args, spec, study, stats, url: str, top: int) -> None:
         print(text)
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     if complete and top:
-        best = study.best_trial
+        best = best_of(complete)
         print(f"best: trial {best.number}, valid_acc {best.value:.4f} ({params_text(best.params)})")
         if best_checkpoint_id(study, best):
             print(f"checkpoint: trial-{best.number}-best.pt in {study.user_attrs.get('artifacts')}")

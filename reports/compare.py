@@ -10,7 +10,7 @@ from reports.ablation import ablation_frame, is_ablation
 from reports.document import Report, Section
 from reports.figures import comparison_figures
 from reports.tables import ATTR_COLUMNS, si_count, summary_counts, trials_frame
-from search.attrs import run_config_of
+from search.attrs import best_of, run_config_of
 
 
 def comparison_report(studies: list[optuna.Study], plots: bool = False) -> Report:
@@ -110,7 +110,7 @@ def _settings(study: optuna.Study) -> dict[str, str]:
     included), overlaid by the stored spec (what the study file asked for, ranges and choices as written)."""
     flat: dict[str, str] = {}
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    config = run_config_of(max(complete, key=lambda t: t.value)) if complete else None
+    config = run_config_of(best_of(complete)) if complete else None
     for section, values in (config or {}).items():
         for key, value in values.items():
             flat[f"{section}.{key}"] = _setting(value)

@@ -11,7 +11,7 @@ import pandas as pd
 
 from reports.document import Report, Section
 from reports.figures import IMPORTANCE_NOTE, choice_figures, search_figures
-from search.attrs import run_config_of
+from search.attrs import best_of, run_config_of
 from search.origin import COMMAND_ATTR, search_command, study_handle
 
 ATTR_COLUMNS = ("n_params", "flops_per_segment", "steps_run", "steps_per_s", "best_step", "seed", "precision",
@@ -88,7 +88,7 @@ def best_config(study: optuna.Study) -> dict | None:
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         return None
-    return run_config_of(max(complete, key=lambda t: t.value))
+    return run_config_of(best_of(complete))
 
 
 def search_report(study: optuna.Study, k: int = 10, plots: bool = False) -> Report:
@@ -134,7 +134,7 @@ def budget_starved(study: optuna.Study) -> str:
     peaked = [c for c in curves if len(c) >= 2 and max(v for _, v in c) == c[-1][1]]
     if not complete:
         return ""
-    best = max(complete, key=lambda t: t.value)
+    best = best_of(complete)
     curve = sorted(best.intermediate_values.items())
     if len(curve) < 2 or curve[-1][1] <= curve[-2][1] or curve[-1][1] < max(v for _, v in curve) or curve[-1][1] >= 1:
         return ""

@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 
 from data.packed import PackedStore
 from models import ConfigError, ModelConfig
-from search.attrs import run_config_of
+from search.attrs import best_of, run_config_of
 from search.cells import cell_of
 from search.config import RunConfig, TrainConfig
 from search.runner import RunStats, ablation_plan, reap_stale_trials, retry_interrupted, run_trials
@@ -115,7 +115,7 @@ def baseline_config(ablation: AblationSpec, storage: str) -> RunConfig:
     complete = source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise SpecError(f"{ablation.study.path}: study {source.study_name!r} has no complete trial to use as baseline")
-    return RunConfig.from_dict(run_config_of(max(complete, key=lambda t: t.value)))
+    return RunConfig.from_dict(run_config_of(best_of(complete)))
 
 
 def identity(ablation: AblationSpec, rows: dict[str, RunConfig]) -> dict[str, Any]:

@@ -82,3 +82,24 @@ def _nest(path: tuple[str, ...], inner: dict[str, Any]) -> dict[str, Any]:
 
 def _leaf(part: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
     return part[path[0]] if path else part
+
+
+TIE_WINDOW = 3  # evaluations: among trials tied on their best accuracy, the one steadier at the top wins
+
+
+def rank_key(trial) -> tuple[float, float, int]:
+    """How complete trials rank, best last: their value (best validation accuracy), then, among ties (frequent
+    near 100% on a small validation split), the mean of their last TIE_WINDOW evaluations (a model that stays at
+    the top over one that touched it once), then the earlier trial."""
+    curve = [v for _, v in sorted(trial.intermediate_values.items())][-TIE_WINDOW:]
+    return (trial.value, sum(curve) / len(curve) if curve else trial.value, -trial.number)
+
+
+def best_of(trials):
+    """The best of complete `trials` by rank_key; None when there is none."""
+    return max(trials, key=rank_key, default=None)
+
+
+def ranked(trials) -> list:
+    """Complete `trials` best first, by rank_key."""
+    return sorted(trials, key=rank_key, reverse=True)

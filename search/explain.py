@@ -27,7 +27,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from models import ConfigError, ModelConfig
-from search.attrs import run_config_of
+from search.attrs import best_of, run_config_of
 from search.cells import PATH_ATTR, cell_of
 from search.config import RunConfig, TrainConfig
 from search.runner import INTERRUPTED
@@ -154,7 +154,7 @@ def chosen_trial(study: optuna.Study, which: str, path: Path) -> FrozenTrial:
     if which == "best":
         if not complete:
             raise SpecError(f"{path}: study {study.study_name!r} has no complete trial to explain yet")
-        trial = max(complete, key=lambda t: t.value)
+        trial = best_of(complete)
     else:
         if not which.isdigit():
             raise SpecError(f"--trial {which!r}: give 'best' or a trial number")

@@ -11,7 +11,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from data.packed import PackedStore
 from models import ConfigError
-from search.attrs import run_config_of
+from search.attrs import best_of, run_config_of
 from search.checkpoints import model_checkpoint
 from search.config import RunConfig
 from search.runner import poll_interrupt
@@ -27,7 +27,7 @@ def pick_trial(study: optuna.Study, which: str) -> FrozenTrial:
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         if not complete:
             raise SpecError(f"study {study.study_name!r} has no complete trial yet; run its search first")
-        return study.best_trial
+        return best_of(complete)
     if not which.isdigit() or int(which) >= len(trials):
         raise SpecError(f"--trial {which!r}: give 'best' or a trial number of study {study.study_name!r} "
                         f"(0 to {len(trials) - 1})")

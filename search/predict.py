@@ -21,6 +21,7 @@ from data.batches import fixed_valid_batches
 from data.packed import PackedStore
 from models import build_model
 from search.artifact_store import study_artifact_store
+from search.attrs import ranked as ranked_trials
 from search.checkpoints import (
     CHECKPOINT_FORMAT,
     DamagedCheckpoint,
@@ -83,7 +84,7 @@ def from_study(study: optuna.Study, trial: str | None, top_k: int | None,
                 "checkpoint is its best weights up to then")
         return [_load_best(study, study_artifact_store(study), picked, artifact_id, where)]
     store = study_artifact_store(study)
-    ranked = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: -t.value)
+    ranked = ranked_trials(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     checkpoints, skipped = [], 0
     for t in ranked:  # lazily: one storage read (and one load) per trial taken
         if len(checkpoints) == top_k:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from search.config import DataConfig, RunConfig, TrainConfig
 from search.studyfile import SECTIONS, SpecError, beside, default_storage_url, load_raw, storage_in_file
 
 STUDY_KEYS = ("name", "seed", "n_trials", "timeout", "workers", "gpus", "per_gpu", "storage", "artifacts",
-              "heartbeat_interval", "grace_period", "max_failures_in_row", "storage_outage_s")
+              "heartbeat_interval", "grace_period", "max_failures_in_row", "storage_outage_s", "enqueue")
 DATA_KEYS = ("path", "synthetic", *(f.name for f in fields(DataConfig)))
 RANGE_KEYS = {"low", "high", "log", "step"}
 VIRTUAL_MODEL_KEYS = ("head_dim",)  # searched instead of d_model: d_model = nhead * head_dim
@@ -98,6 +98,9 @@ class StudySpec:
     is_ablation: bool = False  # has an [ablation] table: run with `ablate`, not `search`
     # [model.when.PARENT.CHOICE]: keys sampled only in trials where model.PARENT took CHOICE.
     when: dict[str, dict[str, dict[str, Param]]] = field(default_factory=dict)
+    # study.enqueue: points (Optuna param name -> value) the study starts with, before the sampler's own; keys not
+    # given are sampled. Not part of the identity: like the sampler they steer which trials run, not what a trial is.
+    enqueue: tuple[dict[str, Any], ...] = ()
 
     @property
     def storage_url(self) -> str:
@@ -195,8 +198,42 @@ def _parse(path: Path, raw: dict[str, Any]) -> StudySpec:
         raise SpecError(f"data.path={data['path']!r} must be a string (a HW4 folder)")
     _check_heads(spec.model)
     _check_conditions(spec)
+    spec = replace(spec, enqueue=_enqueue(spec, study.get("enqueue", [])))
     _probe(spec)
     return spec
+
+
+def _enqueue(spec: StudySpec, points: Any) -> tuple[dict[str, Any], ...]:
+    """study.enqueue = [{key = value, ...}, ...]: each key a searched [model]/[train] key (or a [model.when] key of
+    the branch the point picks), each value one the space can take; -> Optuna params for enqueue_trial."""
+    if not isinstance(points, list) or not all(isinstance(p, dict) and p for p in points):
+        raise SpecError(f"study.enqueue={points!r} must be a list of tables, e.g. [{{ encoder = \"none\" }}]")
+    out = []
+    for i, point in enumerate(points):
+        params = {}
+        for key, value in point.items():
+            label = f"study.enqueue[{i}].{key}"
+            param = spec.model.get(key) or spec.train.get(key)
+            if param is None or not param.searched:
+                param = next((branch[key] for parent, branches in spec.when.items() if parent in point
+                              for choice, branch in branches.items()
+                              if choice == choice_key(point[parent]) and key in branch), None)
+            searched = [k for k, p in (*spec.model.items(), *spec.train.items()) if p.searched]
+            if param is None or not param.searched:
+                raise SpecError(f"{label}: not a searched key of this study (searched: {', '.join(searched)}; a "
+                                "[model.when] key needs its parent's choice in the same point)")
+            if not _in_space(param, value):
+                valid = (", ".join(map(repr, param.choices)) if param.choices else f"{param.low} to {param.high}")
+                raise SpecError(f"{label}={value!r} is outside the space; valid: {valid}")
+            params[param.name] = value
+        out.append(params)
+    return tuple(out)
+
+
+def _in_space(param: Param, value: Any) -> bool:
+    if param.choices:
+        return value in param.choices
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and param.low <= value <= param.high
 
 
 def _in_file(path: Path, value: str | None, resolve) -> str | None:

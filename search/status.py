@@ -8,6 +8,7 @@ import sqlalchemy as sa
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from search.attrs import best_of
 from search.progress import params_text
 
 STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)
@@ -37,7 +38,7 @@ def study_status(study: optuna.Study, now: float) -> str:
                      f"{'?' if age is None else f'{age:.0f} s ago'}, started {started}")
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if complete:
-        best = study.best_trial
+        best = best_of(complete)
         params = params_text(best.params)
         lines.append(f"best: #{best.number} value {best.value:.4f} ({params})")
     lines.append(_progress(study, trials, len(running)))

@@ -143,6 +143,8 @@ def create_or_resume(spec: StudySpec, storage_url: str, data_fingerprint: str,
                 study.set_metric_names(["valid_acc"])  # how the dashboard labels the objective
             study.set_user_attr("data_fingerprint", data_fingerprint)
             study.set_user_attr("metric", "best validation accuracy")
+            for point in spec.enqueue:  # the known-good points first: the sampler's own trials come after them
+                study.enqueue_trial(point, skip_if_exists=True)
             study.set_user_attr("spec", identity)  # last: its presence means the study is fully set up
         return study
 

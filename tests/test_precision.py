@@ -28,8 +28,9 @@ def tiny(precision: str = "auto", seed: int = 1, steps: int = 120, **model) -> R
 
 
 def result_of(default: float, onednn: float, bf16: float, onednn_error: float = 3e-7) -> P.ProbeResult:
-    return P.ProbeResult("k", 1, (P.RouteTiming("default", default, 3e-7), P.RouteTiming("onednn", onednn, onednn_error),
-                                  P.RouteTiming("bf16", bf16, 3e-3)), 0.1)
+    timings = (P.RouteTiming("default", default, 3e-7), P.RouteTiming("onednn", onednn, onednn_error),
+               P.RouteTiming("bf16", bf16, 3e-3))
+    return P.ProbeResult("k", 1, timings, 0.1)
 
 
 def test_the_decision_takes_the_fastest_exact_fp32_route_and_bf16_only_where_it_pays():

@@ -1,5 +1,6 @@
 """Real Optuna studies in SQLite on tiny data: pruning, stored provenance, resume, changed-space refusal."""
 import json
+import re
 
 import optuna
 import pytest
@@ -11,7 +12,7 @@ from search.config import RunConfig
 from search.final import final_config, pick_trial
 from search.spec import SpecError, load_spec
 from search.study import create_or_resume, run_study
-from tests.conftest import write_study
+from tests.conftest import TINY_STUDY, write_study
 
 TINY_SPACE = """
 [model]
@@ -92,6 +93,44 @@ def test_every_trial_stores_what_a_table_needs(tmp_path, tiny_store):
     assert set(dict_attr(attrs, VERSIONS)) >= {"code", "python", "torch", "optuna", "numpy"}
     assert sorted(trial.intermediate_values) == [20, 40, 60]
     assert study.metric_names == ["valid_acc"]  # how optuna-dashboard labels the objective
+    assert attrs["precision"] in ("fp32", "fp32 (oneDNN)", "bf16")  # as train.precision = auto resolved here
+    assert best_config(study)["train"]["precision"] == "auto"
+
+
+def test_enqueued_points_run_first_and_the_sampler_fills_in_the_rest(tmp_path, tiny_store):
+    points = '[{ d_model = 24, lr = 1e-6 }, { pooling = "stats" }]'
+    body = TINY_STUDY.replace("[study]\n", f"[study]\nenqueue = {points}\n") + TINY_SPACE.replace(
+        "d_model = 16", "d_model = [16, 24]").replace("[model]", '[model]\npooling = ["mean", "stats"]')
+    (tmp_path / "q.toml").write_text(body)
+    spec = load_spec(tmp_path / "q.toml")
+    assert spec.enqueue == ({"d_model": 24, "lr": 1e-6}, {"pooling": "stats"})
+    study = create_or_resume(spec, f"sqlite:///{tmp_path / 'q.db'}", tiny_store.fingerprint)
+    create_or_resume(spec, f"sqlite:///{tmp_path / 'q.db'}", tiny_store.fingerprint)  # a resume enqueues nothing
+    run_study(study, spec, tiny_store, n_trials=3)
+    trials = study.get_trials()
+    assert len(trials) == 3
+    assert trials[0].params == {"d_model": 24, "lr": 1e-6, "pooling": trials[0].params["pooling"]}
+    assert trials[1].params["pooling"] == "stats"
+    for point, fragment in (('[{ encoder = "none" }]', "study.enqueue[0].encoder: not a searched key"),
+                            ("[{ d_model = 20 }]", "study.enqueue[0].d_model=20 is outside the space; valid: 16, 24"),
+                            ("[{ lr = 1.0 }]", "valid: 0.003, 1e-06"), ('"none"', "must be a list of tables")):
+        (tmp_path / "bad.toml").write_text(body.replace(points, point))
+        with pytest.raises(SpecError, match=re.escape(fragment)):
+            load_spec(tmp_path / "bad.toml")
+
+
+def test_tied_best_trials_are_ranked_by_their_last_evaluations():
+    from search.attrs import best_of, ranked
+
+    def trial(number: int, curve: list[float]):
+        t = create_trial(value=max(curve), intermediate_values=dict(enumerate(curve)))
+        t.number = number
+        return t
+
+    touched, steady, later_steady = trial(0, [0.5, 1.0, 0.8, 0.9]), trial(1, [0.9, 1.0, 1.0]), trial(2, [1.0, 1.0])
+    assert best_of([touched, steady, later_steady]) is later_steady  # mean of its last 3: 1.0
+    assert [t.number for t in ranked([touched, steady, trial(3, [0.99])])] == [1, 0, 3]
+    assert best_of([]) is None
 
 
 def test_resume_with_a_changed_space_or_data_is_refused(tmp_path, tiny_store):
