@@ -11,6 +11,13 @@ reach it within the budget); then the ratio tpe / random per repetition and thei
 
 Run from the repository root:
   python -m bench.bench_search_efficiency [--space studies/quickstart.toml] [--reps 3] [--random-trials 16]
+
+--timed LABEL=STUDY.toml[:KEY=VALUE;KEY=VALUE] ... runs another comparison: wall-clock searches as a user runs
+them (`run-study search STUDY --workers auto`, each variant for its own study.timeout unless --minutes), then
+`predict --labels` of the best trial and of the top-3 average; per dataset, repetition (study.seed = rep) and
+variant: trials (complete / pruned), steps per trial, best validation accuracy, test accuracy; then the means
+over repetitions. E.g. the 5-minute study against the 20-minute one, or a lever switched off:
+  python -m bench.bench_search_efficiency --timed cpu5=studies/cpu5.toml "no-enqueue=studies/cpu5.toml:study.enqueue=[]"
 """
 import argparse
 import os
@@ -105,6 +112,80 @@ def steps_to_reach(points: list[tuple[int, float]], target: float, budget: float
     return next((spent for spent, accuracy in within(points, budget) if accuracy >= target), None)
 
 
+def timed_search(space: Path, data: Path, labels: Path, db: Path, seed: int, overrides: list[str],
+                 minutes: float | None) -> dict:
+    """One wall-clock search on all cores, then predict --labels of its best trial and its top-3 average."""
+    import re
+
+    import optuna
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("OPTUNA_STORAGE", None)
+    storage = ["--storage", f"sqlite:///{db}"]
+    sets = [arg for o in [*overrides, "study.name=timed", f"study.seed={seed}",
+                          *([f"study.timeout={minutes * 60:g}"] if minutes else [])] for arg in ("--set", o)]
+    start = time.time()
+    subprocess.run([sys.executable, str(ROOT / "run_study.py"), "search", str(space), "--data", str(data), "-q",
+                    "--workers", "auto", *storage, *sets], check=True, capture_output=True, env=env, cwd=db.parent)
+    wall = time.time() - start
+    out = {"wall": wall}
+    for label, extra in (("best", []), ("top3", ["--top-k", "3"])):
+        done = subprocess.run([sys.executable, str(ROOT / "run_study.py"), "predict", "timed", *storage, "--data",
+                               str(data), *extra, "--out", str(db.with_suffix(f".{label}.csv")), "--labels",
+                               str(labels)], check=True, capture_output=True, text=True, env=env, cwd=db.parent)
+        out[label] = float(re.search(r"accuracy (\S+) on", done.stdout).group(1))
+    trials = optuna.load_study(study_name="timed", storage=f"sqlite:///{db}").trials
+    states = [t.state.name for t in trials]
+    out.update(complete=states.count("COMPLETE"), pruned=states.count("PRUNED"),
+               valid=max((t.value for t in trials if t.value is not None), default=float("nan")),
+               steps=statistics.mean(t.user_attrs.get("steps_run", 0) for t in trials) if trials else 0,
+               precision=",".join(sorted({str(t.user_attrs.get("precision")) for t in trials})))
+    return out
+
+
+def timed(args: argparse.Namespace, work: Path) -> None:
+    variants = []
+    for item in args.timed:
+        label, _, rest = item.partition("=")
+        space, _, sets = rest.partition(":")
+        variants.append((label, Path(space), [o for o in sets.split(";") if o]))
+    print(f"timed searches on all cores ({os.cpu_count()} CPUs); {args.reps} repetitions; working in {work}")
+    means: dict[tuple[str, str], list[dict]] = {}
+    for dataset in args.datasets.split(","):
+        data, labels = _dataset(dataset, work, args.fsdd)
+        print(f"\n{dataset}: {'variant':>12} {'rep':>3} {'wall s':>6} {'complete':>8} {'pruned':>6} "
+              f"{'steps/trial':>11} {'best valid':>10} {'test best':>9} {'test top-3':>10} precision")
+        for rep in range(args.reps):
+            for label, space, sets in variants:  # interleaved: a slow spell of the machine hits every variant
+                db = work / f"{dataset}-{label}-{rep}.db"
+                r = timed_search(space, data, labels, db, rep, [*sets, *args.overrides], args.minutes)
+                means.setdefault((dataset, label), []).append(r)
+                print(f"{'':>{len(dataset) + 1}} {label:>12} {rep:>3} {r['wall']:6.0f} {r['complete']:8d} "
+                      f"{r['pruned']:6d} {r['steps']:11.0f} {r['valid']:10.4f} {r['best']:9.4f} {r['top3']:10.4f} "
+                      f"{r['precision']}", flush=True)
+    print("\nmeans over repetitions:")
+    for (dataset, label), runs in means.items():
+        mean = {k: statistics.mean(r[k] for r in runs) for k in ("wall", "complete", "pruned", "best", "top3")}
+        print(f"  {dataset} {label}: {mean['wall']:.0f} s, {mean['complete']:.1f} complete + {mean['pruned']:.1f} "
+              f"pruned trials; test best trial {mean['best']:.4f} (min {min(r['best'] for r in runs):.4f}), "
+              f"top-3 {mean['top3']:.4f}")
+
+
+def _dataset(dataset: str, work: Path, fsdd: Path) -> tuple[Path, Path]:
+    """The dataset's folder (copied or generated into `work`, packed) and its test labels."""
+    data = work / dataset
+    if not data.exists():
+        if dataset == "fsdd":
+            shutil.copytree(fsdd / "hw4", data)
+        else:
+            from data.synthetic import make_synthetic
+
+            make_synthetic(data, speakers=40, utterances_per_speaker=60, seed=0)  # the quickstart's data
+    subprocess.run([sys.executable, str(ROOT / "run_study.py"), "pack", str(data)], check=True,
+                   capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return data, (fsdd / "test_labels_names.csv" if dataset == "fsdd" else data / "test_labels.csv")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", type=Path, default=ROOT / "studies" / "quickstart.toml")
@@ -117,9 +198,17 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a study-file override for both searches (e.g. a shorter train.max_steps)")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temp folder)")
+    parser.add_argument("--timed", nargs="+", metavar="LABEL=STUDY[:KEY=V;...]",
+                        help="compare wall-clock searches of these study files instead (see the module's help)")
+    parser.add_argument("--minutes", type=float, help="--timed: every search this long (default: its study.timeout)")
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench_efficiency-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.timed:
+        timed(args, work)
+        if args.keep is None:
+            shutil.rmtree(work)
+        return
     cores = sorted(os.sched_getaffinity(0))
     core_pair = (cores[0], cores[-1])
     print(f"space {args.space.name} {' '.join(args.overrides)}; {args.reps} repetitions; "
@@ -129,16 +218,7 @@ def main() -> None:
     ratios: dict[str, list[float]] = {}
     bests: dict[str, list[tuple[float, float]]] = {}  # (random's best, TPE's best within the same steps)
     for dataset in args.datasets.split(","):
-        data = work / dataset
-        if not data.exists():
-            if dataset == "fsdd":
-                shutil.copytree(args.fsdd / "hw4", data)
-            else:
-                from data.synthetic import make_synthetic
-
-                make_synthetic(data, speakers=40, utterances_per_speaker=60, seed=0)  # the quickstart's data
-        subprocess.run([sys.executable, str(ROOT / "run_study.py"), "pack", str(data)], check=True,
-                       capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        data, _ = _dataset(dataset, work, args.fsdd)
         print(f"\n{dataset}: {'rep':>3} {'random best':>11} {'steps':>6} {'tpe best':>9} {'steps':>6} "
               f"{'trials':>6} {'ratio':>6}")
         tpe_space = with_strategy(args.space, work, "tpe", None, args.pruner)
