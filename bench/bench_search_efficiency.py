@@ -148,7 +148,7 @@ def timed(args: argparse.Namespace, work: Path) -> None:
     for item in args.timed:
         label, _, rest = item.partition("=")
         space, _, sets = rest.partition(":")
-        variants.append((label, Path(space), [o for o in sets.split(";") if o]))
+        variants.append((label, Path(space).resolve(), [o for o in sets.split(";") if o]))
     print(f"timed searches on all cores ({os.cpu_count()} CPUs); {args.reps} repetitions; working in {work}")
     means: dict[tuple[str, str], list[dict]] = {}
     for dataset in args.datasets.split(","):

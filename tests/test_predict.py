@@ -1,6 +1,7 @@
 """From a study to a Kaggle submission: `train` (final fit) and `predict` (one checkpoint, a trial, the top k)."""
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -50,6 +51,13 @@ def test_predict_writes_the_kaggle_format_in_testdata_order_and_scores_it(search
     accuracy = np.mean([truth[i] == c for i, c in rows[1:]])
     printed = capsys.readouterr().out
     assert f"accuracy {accuracy:.4f} on {len(test)} labelled test utterances" in printed
+    assert re.search(r"\), on [12] CPU threads?\n", printed), printed  # the probe sized them (2 cores here)
+    # the same checkpoint in bf16 on one thread: the same submission but for near-ties
+    bf16 = searched / "bf16.csv"
+    assert run_study.main(["predict", str(searched / "studies/fit.toml"), "--data", str(tiny_synthetic), "--out",
+                           str(bf16), "--precision", "bf16", "--threads", "1"]) == 0
+    assert "), on 1 CPU thread\n" in capsys.readouterr().out
+    assert np.mean([a == b for a, b in zip(_rows(out), _rows(bf16), strict=True)]) >= 0.9
     assert accuracy > 2 / len(speakers)  # a trained model, well above chance
     # --labels with speaker indices (the fsdd style) scores the same
     ids = json.loads((tiny_synthetic / "mapping.json").read_text())["speaker2id"]
@@ -108,7 +116,7 @@ def test_a_trials_best_artifact_is_what_predict_uses(searched):
 @pytest.mark.parametrize("case", ["other_mels", "other_speakers", "train_other_speakers", "train_no_gpu", "no_testdata",
                                   "garbage_file", "bad_trial", "bad_set", "pickled_code", "missing_labels",
                                   "other_data", "train_other_data", "missing_checkpoint", "truncated_file",
-                                  "truncated_trial", "truncated_best"])
+                                  "truncated_trial", "truncated_best", "bad_precision", "bad_threads"])
 def test_bad_input_is_one_line_and_exit_2(searched, tiny_synthetic, hw4_folder, case, tmp_path, capsys):
     study = str(searched / "studies/fit.toml")
     data = str(tiny_synthetic)
@@ -123,6 +131,8 @@ def test_bad_input_is_one_line_and_exit_2(searched, tiny_synthetic, hw4_folder, 
                                  *out],
         "bad_trial": lambda: ["predict", study, "--trial", "99", "--data", data, *out],
         "bad_set": lambda: ["train", study, "--data", data, "--set", "train.max_stepz=5"],
+        "bad_precision": lambda: ["train", study, "--data", data, "--set", "train.precision=bf17"],
+        "bad_threads": lambda: ["predict", study, "--data", data, "--threads", "0", *out],
         "train_no_gpu": lambda: ["train", study, "--gpus", "0", "--out", str(tmp_path / "f.pt")],
         "pickled_code": lambda: ["predict", str(_pickled(tmp_path / "evil.pt")), "--data", data, *out],
         "missing_labels": lambda: ["predict", study, "--data", data, "--labels", str(tmp_path / "none.csv"), *out],
@@ -143,6 +153,8 @@ def test_bad_input_is_one_line_and_exit_2(searched, tiny_synthetic, hw4_folder, 
                 "other_speakers": "mapping.json: its 4 speakers differ from the 8 that fit/trial",
                 "train_other_speakers": "mapping.json: its 4 speakers differ from the 8 that study 'fit' was trained",
                 "bad_trial": "--trial '99'", "bad_set": "max_stepz", "pickled_code": "evil.pt",
+                "bad_precision": "train.precision='bf17' must be one of auto, fp32, bf16, fp16",
+                "bad_threads": "--threads=0 must be positive",
                 "train_no_gpu": "--gpus 0: this machine has no CUDA GPU",
                 "missing_labels": "none.csv", "other_data": "--other-data predicts anyway",
                 "train_other_data": "not the dataset study 'fit' was run on",
