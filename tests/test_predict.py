@@ -14,6 +14,7 @@ import run_study
 from data import open_store
 from search import predict
 from search.artifact_store import study_artifact_store
+from search.attrs import ranked as ranked_trials
 from search.attrs import run_config_of
 from search.checkpoints import best_checkpoint_id, load
 from search.config import RunConfig
@@ -71,7 +72,7 @@ def test_predict_writes_the_kaggle_format_in_testdata_order_and_scores_it(search
 def test_top_k_averages_the_softmax_of_the_k_best_trials(searched, tiny_synthetic):
     study = optuna.load_study(study_name="fit", storage=f"sqlite:///{searched / 'studies/fit.db'}")
     store = open_store(tiny_synthetic)
-    ranked = sorted(study.trials, key=lambda t: -t.value)
+    ranked = ranked_trials(study.trials)  # value, then ties by their last evaluations (search.attrs.rank_key)
     checkpoints = predict.from_study(study, None, 2)
     assert [c.name for c in checkpoints] == [f"fit/trial {t.number}" for t in ranked[:2]]
     each = [predict.predict_proba([c], store) for c in checkpoints]
@@ -255,7 +256,7 @@ def _truncated_copy(searched: Path, tmp_path: Path) -> Path:
 def test_top_k_skips_a_damaged_checkpoint_and_still_averages_k(searched, tiny_synthetic, tmp_path, capsys):
     url, damaged = _with_damaged_best(searched, tmp_path / "cut", "best")
     study = optuna.load_study(study_name="fit", storage=url)
-    ranked = [t.number for t in sorted(study.trials, key=lambda t: -t.value)]
+    ranked = [t.number for t in ranked_trials(study.trials)]
     assert ranked[0] == damaged
     said: list[str] = []
     checkpoints = predict.from_study(study, None, 2, log=said.append)
