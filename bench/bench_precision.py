@@ -51,22 +51,12 @@ def step_cost(cfg, precision: P.Precision, seconds: float) -> float:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, lengths = torch.randn(32, 128, 40), torch.full((32,), 128)
     y = torch.randint(0, 600, (32,))
-    cpu = torch.device("cpu")
-
-    def step() -> None:
-        with precision.autocast(cpu):
-            logits = model(x, lengths)
-        loss = model.criterion(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    with precision.applied():
-        step(), step()
-        steps, start = 0, time.process_time()
-        while (spent := time.process_time() - start) < seconds or steps < 2:
-            step()
-            steps += 1
+    step = P.training_step(model, optimizer, x, lengths, y, precision)
+    step(), step()
+    steps, start = 0, time.process_time()
+    while (spent := time.process_time() - start) < seconds or steps < 2:
+        step()
+        steps += 1
     return spent / steps
 
 

@@ -124,9 +124,7 @@ def probe_key(cfg: RunConfig, n_mels: int, n_classes: int) -> str:
 def resolve(cfg: RunConfig, device: torch.device, n_mels: int, n_classes: int) -> Precision:
     """cfg's train.precision (and the older train.amp) -> what a run of it computes in on `device`. An explicit
     fp32 on CPU still takes the measured fastest fp32-level route."""
-    precision, amp = cfg.train.precision, cfg.train.amp
-    if precision not in PRECISIONS:
-        raise ValueError(f"train.precision={precision!r} must be one of {', '.join(PRECISIONS)}")
+    precision, amp = cfg.train.precision, cfg.train.amp  # validated by TrainConfig
     if device.type == "cuda":
         if precision == "auto":
             if not amp:
@@ -189,15 +187,7 @@ def _measure(cfg: RunConfig, n_mels: int, n_classes: int, threads: int, start: f
     for route in (*ROUTES, "bf16"):
         precision = Precision("bf16", "default") if route == "bf16" else Precision("fp32", route)
 
-        def step(precision: Precision = precision) -> None:
-            with precision.applied():
-                with precision.autocast(torch.device("cpu")):
-                    logits = model(x, lengths)
-                loss = model.criterion(logits.float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-
+        step = training_step(model, optimizer, x, lengths, y, precision)
         with precision.applied(), torch.no_grad(), precision.autocast(torch.device("cpu")):
             got = F.linear(a, w).double()
         errors[route] = float((got - reference).norm() / reference.norm())
@@ -210,6 +200,21 @@ def _measure(cfg: RunConfig, n_mels: int, n_classes: int, threads: int, start: f
         predict_threads = _predict_threads(lambda: model(x, lengths), threads)
     return ProbeResult(probe_key(cfg, n_mels, n_classes), threads, tuple(timings), time.perf_counter() - start,
                        predict_threads)
+
+
+def training_step(model, optimizer, x: torch.Tensor, lengths: torch.Tensor, y: torch.Tensor, precision: Precision):
+    """One CPU training step of `model` on a fixed batch as train() computes it in `precision` (for timing)."""
+
+    def step() -> None:
+        with precision.applied():
+            with precision.autocast(torch.device("cpu")):
+                logits = model(x, lengths)
+            loss = model.criterion(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    return step
 
 
 def _interleaved_costs(calls: dict) -> dict[str, float]:
