@@ -109,7 +109,7 @@ def test_explain_resumes_after_sigint_with_no_cell_trained_twice_and_its_numbers
         tmp_path, tiny_store, tiny_synthetic):
     path, url, _ = a_search(tmp_path, tiny_store)
     args = ("explain", str(path), "--data", str(tiny_synthetic), "--storage", url, "--seeds", "2",
-            "--set", "train.max_steps=200", "--set", "train.valid_steps=50")
+            "--set", "train.max_steps=100", "--set", "train.valid_steps=50")
     proc = start(*args, cwd=tmp_path)
     name = "s-explain-t0"
     wait_for(lambda ts: any(t.state == TrialState.COMPLETE for t in ts)

@@ -59,7 +59,7 @@ def resumed(ts) -> list[int]:
 def test_a_database_restart_mid_trial_loses_nothing(tmp_path, tiny_synthetic, private_db):
     """PostgreSQL restarted (-m fast), MariaDB killed with -9 and started again, while 2 workers train."""
     url, server = private_db
-    study = write_study(tmp_path / "rs.toml", SPACE.format(steps=500))
+    study = write_study(tmp_path / "rs.toml", SPACE.format(steps=300))
     proc = start("search", str(study), "--data", str(tiny_synthetic), "--storage", url, "--n-trials", "4",
                  "--workers", "2", cwd=tmp_path)
     wait_for(lambda ts: training(ts, 2), "rs", url)

@@ -24,7 +24,7 @@ README = ROOT / "README.md"
 SKIP_MARK = re.compile(r"<!-- not run by tests/test_readme.py: (.+?) -->")
 NOT_RUN_LINES = {"make test": "this test runs inside it"}
 SERVERS = ("run-study dashboard", "optuna-dashboard")
-TINY = "train.max_steps=10 train.valid_steps=5 train.warmup_steps=2 train.batch_size=8"
+TINY = "train.max_steps=10 train.valid_steps=10 train.warmup_steps=2 train.batch_size=8"
 DASHBOARD_URL = "http://127.0.0.1:8080/"
 
 

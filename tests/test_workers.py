@@ -74,7 +74,7 @@ def test_independent_commands_with_workers_share_a_new_storage(tmp_path, tiny_sy
     """2 commands x 2 workers start together on a storage with no schema: no creation race is fatal. One
     worker is killed with kill -9 mid-trial: its trial is reaped and retried once with the same parameters.
     Exactly 6 finished trials, none repeated (each process samples from its own stream)."""
-    study = write_study(tmp_path / "par.toml", SPACE.format(steps=300))
+    study = write_study(tmp_path / "par.toml", SPACE.format(steps=150))
     args = ("search", str(study), "--data", str(tiny_synthetic), "--storage", storage_url, "--n-trials", "6",
             "--workers", "2")
     procs = [start(*args, cwd=tmp_path) for _ in range(2)]
@@ -159,9 +159,9 @@ stats = { pooling = "stats" }
 
 
 def test_ablation_interrupted_then_resumed_has_one_complete_trial_per_cell(tmp_path, tiny_synthetic):
-    study = write_study(tmp_path / "abi.toml", fixed(300) + """
+    study = write_study(tmp_path / "abi.toml", fixed(200) + """
 [ablation]
-seeds = [0, 1, 2]
+seeds = [0, 1]
 [variants]
 stats = { pooling = "stats" }
 """)
@@ -176,7 +176,7 @@ stats = { pooling = "stats" }
     cli(*args, cwd=tmp_path)
     ts = trials("abi", url)
     cells = [cell_of(t) for t in ts if t.state == TrialState.COMPLETE]
-    assert sorted(cells) == sorted({(v, s) for v in ("baseline", "stats") for s in (0, 1, 2)})
+    assert sorted(cells) == sorted({(v, s) for v in ("baseline", "stats") for s in (0, 1)})
     assert n_state(ts, TrialState.FAIL) == 1 and n_state(ts, TrialState.RUNNING, TrialState.WAITING) == 0
     assert n_state(ts, TrialState.PRUNED) == 0  # the interrupted cell's retry kept its seed, so it ran that cell
     (interrupted,) = [t for t in ts if t.state == TrialState.FAIL]
