@@ -5,10 +5,11 @@ On CPU the same fp32 maths has two matmul routes: torch's default GEMM, and oneD
 computes in fp32, depends on the CPU: on AMD AVX-512 parts it is fp32 and up to 1.8x faster; on Intel parts with
 AMX it computes in bf16. bf16 autocast is ~3x faster where bf16 is native and ~50x slower where it is not. So
 `auto` times a small training block at the model's shapes through each route, measures each matmul's error
-against float64, and takes the fastest route whose error is fp32-level; bf16 only where it is >= 1.5x faster
-than that. The result is cached per machine, torch version, threads and shape, so only a machine's first run
-pays the probe (a fraction of a second). On CUDA, `auto` keeps the old behaviour: autocast (bf16 where the GPU
-has it, else fp16) unless train.amp = false.
+against float64, and takes oneDNN's where its error is fp32-level and it is >= 1.1x faster; bf16 only where it
+is >= 1.5x faster than that fp32 route (its steps are not even timed where its matmuls are far slower). The
+result is cached per machine, torch version, threads and shape, so only a machine's first run pays the probe
+(about a second). On CUDA, `auto` keeps the old behaviour: autocast (bf16 where the GPU has it, else fp16)
+unless train.amp = false.
 """
 from __future__ import annotations
 
@@ -33,6 +34,12 @@ if TYPE_CHECKING:
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FP32_LEVEL = 1e-5  # relative error vs float64 an "fp32" route may have (fp32 GEMM ~3e-7 at K=512, bf16 ~3e-3)
 BF16_MIN_SPEEDUP = 1.5  # auto takes bf16 on CPU only when a training block is this much faster than fp32
+# oneDNN's fp32 route only when this much faster than the default: a 0.2 s probe cannot tell a few percent apart
+# (on an AVX2 EPYC the probe saw oneDNN ahead at d80 where 3 x 3 s said 0.97x), and a wrong swap would lose speed
+ONEDNN_MIN_SPEEDUP = 1.1
+# bf16 training steps are timed only where a bf16 matmul at the model's shapes is at least this fraction of fp32's:
+# without native bf16 it is ~50x slower, a d512 step then takes seconds and could never reach BF16_MIN_SPEEDUP
+BF16_MATMUL_FLOOR = 0.5
 PREDICT_MIN_SPEEDUP_PER_THREAD = 0.75  # predict uses all cores only when they pay: else one thread is cheaper
 PROBE_SECONDS = 0.2  # CPU-seconds timed per route (at least 3 steps, after a warm-up step)
 CACHE_ENV = "HW4_CACHE_DIR"
@@ -81,6 +88,7 @@ class RouteTiming:
     route: str  # "default", "onednn" or "bf16" (autocast)
     steps_per_cpu_s: float  # training steps of the model (forward, backward, AdamW) per CPU-second
     rel_error: float  # error of a matmul at the model's shapes vs float64, relative (Frobenius)
+    timed: bool = True  # False: not timed (bf16 matmuls below BF16_MATMUL_FLOOR): steps estimated from the matmuls
 
 
 @dataclass(frozen=True)
@@ -96,9 +104,10 @@ class ProbeResult:
 
     @property
     def fp32_route(self) -> str:
-        """The fastest route whose error is fp32-level (the default one always is)."""
-        ok = [t for t in self.timings if t.route in ROUTES and t.rel_error <= FP32_LEVEL]
-        return max(ok, key=lambda t: t.steps_per_cpu_s).route if ok else "default"
+        """oneDNN where its error is fp32-level and it is clearly faster (ONEDNN_MIN_SPEEDUP), else the default."""
+        onednn, default = self.timing("onednn"), self.timing("default")
+        fast = onednn.steps_per_cpu_s >= ONEDNN_MIN_SPEEDUP * default.steps_per_cpu_s
+        return "onednn" if onednn.rel_error <= FP32_LEVEL and fast else "default"
 
     @property
     def bf16_speedup(self) -> float:
@@ -123,7 +132,7 @@ def probe_key(cfg: RunConfig, n_mels: int, n_classes: int) -> str:
 
 def resolve(cfg: RunConfig, device: torch.device, n_mels: int, n_classes: int) -> Precision:
     """cfg's train.precision (and the older train.amp) -> what a run of it computes in on `device`. An explicit
-    fp32 on CPU still takes the measured fastest fp32-level route."""
+    fp32 on CPU still takes the measured fp32 route (fp32_route)."""
     precision, amp = cfg.train.precision, cfg.train.amp  # validated by TrainConfig
     if device.type == "cuda":
         if precision == "auto":
@@ -181,20 +190,25 @@ def _measure(cfg: RunConfig, n_mels: int, n_classes: int, threads: int, start: f
     lengths = torch.full((t.batch_size,), t.segment_len)
     y = torch.randint(0, n_classes, (t.batch_size,))
     k, n = m.d_model, m.dim_feedforward
-    a, w = torch.randn(min(2048, t.batch_size * t.segment_len), k), torch.randn(n, k) / k**0.5
+    a, w = torch.randn(min(256, t.batch_size * t.segment_len), k), torch.randn(n, k) / k**0.5
     reference = a.double() @ w.double().T
-    steps, errors = {}, {}
+    steps, errors, matmuls = {}, {}, {}
     for route in (*ROUTES, "bf16"):
         precision = Precision("bf16", "default") if route == "bf16" else Precision("fp32", route)
-
-        step = training_step(model, optimizer, x, lengths, y, precision)
         with precision.applied(), torch.no_grad(), precision.autocast(torch.device("cpu")):
-            got = F.linear(a, w).double()
+            got = F.linear(a, w).double()  # also the warm-up of the timed matmul
+            matmuls[route] = _matmul_cost(lambda: F.linear(a, w))
         errors[route] = float((got - reference).norm() / reference.norm())
+        if route == "bf16" and matmuls["default"] < BF16_MATMUL_FLOOR * matmuls["bf16"]:
+            continue
+        step = training_step(model, optimizer, x, lengths, y, precision)
         step()  # warm-up: oneDNN builds its kernels on the first call
         steps[route] = step
     costs = _interleaved_costs(steps)
     timings = [RouteTiming(route, 1.0 / costs[route], errors[route]) for route in steps]
+    if "bf16" not in steps:
+        estimate = matmuls["default"] / matmuls["bf16"] / costs["default"]
+        timings.append(RouteTiming("bf16", estimate, errors["bf16"], timed=False))
     model.eval()
     with torch.no_grad():
         predict_threads = _predict_threads(lambda: model(x, lengths), threads)
@@ -215,6 +229,18 @@ def training_step(model, optimizer, x: torch.Tensor, lengths: torch.Tensor, y: t
             optimizer.step()
 
     return step
+
+
+def _matmul_cost(matmul) -> float:
+    """CPU-seconds per call (the caller has warmed it up): the lesser of two rounds of >= 2 ms each."""
+    costs = []
+    for _ in range(2):
+        calls, start = 0, time.process_time()
+        while (spent := time.process_time() - start) < 2e-3 or calls == 0:
+            matmul()
+            calls += 1
+        costs.append(spent / calls)
+    return max(min(costs), 1e-9)
 
 
 def _interleaved_costs(calls: dict) -> dict[str, float]:
