@@ -41,9 +41,9 @@ def test_the_decision_takes_the_fastest_exact_fp32_route_and_bf16_only_where_it_
     # no native bf16 (50x slower): fp32 on the default route
     assert result_of(10, 9, 0.2).decision() == P.Precision("fp32", "default")
     assert result_of(10, 9, 15).decision().dtype == "bf16"  # exactly the 1.5x bar
-    # oneDNN exact but within probe noise of the default (AVX2 EPYC, d80: 0.97x-1.05x): the default route
-    assert result_of(10, 10.5, 0.2).decision() == P.Precision("fp32", "default")
-    assert result_of(10, 11, 0.2).decision() == P.Precision("fp32", "onednn")  # exactly the 1.1x bar
+    # oneDNN exact but within probe noise of the default (AVX2 EPYC, d64/d80: 0.92x-1.08x): the default route
+    assert result_of(10, 12, 0.2).decision() == P.Precision("fp32", "default")
+    assert result_of(10, 12.5, 0.2).decision() == P.Precision("fp32", "onednn")  # exactly the bar
     assert P.Precision("fp32", "onednn").label == "fp32 (oneDNN)" and P.Precision("bf16").label == "bf16"
 
 
