@@ -123,10 +123,6 @@ def test_bad_dataset_exits_2_naming_the_file(tmp_path):
         study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}").trials
 
 
-def _states(url: str) -> list[TrialState]:
-    return [t.state for t in study_trials("kill", url)]
-
-
 def test_killed_study_resumes_without_losing_or_repeating_trials(tmp_path):
     cli("make-data", "ds", "--speakers", "5", "--utterances-per-speaker", "12", cwd=tmp_path)
     study = write_study(tmp_path / "kill.toml", FAST.replace("max_steps = 40", "max_steps = 200"))
@@ -137,9 +133,9 @@ def test_killed_study_resumes_without_losing_or_repeating_trials(tmp_path):
     worker = subprocess.Popen([sys.executable, str(ROOT / "run_study.py"), *args], cwd=tmp_path, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while time.time() < deadline:  # wait for one finished trial and a second one under way
-        states = _states(url)
-        if TrialState.COMPLETE in states and states[-1] == TrialState.RUNNING:
+    while time.time() < deadline:  # one finished trial and a second one training (its parameters drawn)
+        ts = study_trials("kill", url)
+        if any(t.state == TrialState.COMPLETE for t in ts) and ts[-1].state == TrialState.RUNNING and ts[-1].params:
             break
         time.sleep(0.2)
     worker.send_signal(signal.SIGKILL)
