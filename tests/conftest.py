@@ -183,6 +183,21 @@ def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]
         yield url
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`make test` runs `-n auto`: one test process per core), each test process gets its own
+    share of the cores, and every process a test starts inherits it: two tests that each start `--workers 2`
+    (2 torch threads each on a 2-core machine) would otherwise oversubscribe the cores, and OpenMP's spinning
+    threads cost more than they gain."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ...
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker and count > 1 and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        share = cores[int(worker.removeprefix("gw")) % count::count]
+        if share:
+            os.sched_setaffinity(0, share)
+            torch.set_num_threads(len(share))  # its pool was sized from all cores: 2 threads on 1 core ran 60x slower
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _own_precision_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """The per-machine precision probe (search.precision) caches into the test session's folder, shared by every
