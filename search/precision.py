@@ -2,8 +2,9 @@
 
 On CPU the same fp32 maths has two matmul routes: torch's default GEMM, and oneDNN's (taken when
 `torch.backends.mkldnn.matmul.fp32_precision = "bf16"`). Which is faster, and whether oneDNN then really
-computes in fp32, depends on the CPU: on AMD AVX-512 parts it is fp32 and up to 1.8x faster; on Intel parts with
-AMX it computes in bf16. bf16 autocast is ~3x faster where bf16 is native and ~50x slower where it is not. So
+computes in fp32, depends on the CPU: on AMD AVX-512 parts it is fp32 and 1.1x (Zen 4) to 1.8x faster; on
+Intel parts with AMX it computes in bf16. bf16 autocast is ~2-3x faster where bf16 is native and ~50x slower
+where it is not. So
 `auto` times a small training block at the model's shapes through each route, measures each matmul's error
 against float64, and takes oneDNN's where its error is fp32-level and it is >= 1.25x faster; bf16 only where it
 is >= 1.5x faster than that fp32 route (its steps are not even timed where its matmuls are far slower). The
@@ -55,7 +56,7 @@ class Precision:
 
     @property
     def label(self) -> str:
-        """What a user reads in status and reports: "bf16", "fp32", "fp32 (oneDNN)"."""
+        """What a user reads in status and reports: "bf16", "fp32", "fp32 (oneDNN)", "bf16 (oneDNN)"."""
         return self.dtype + (" (oneDNN)" if self.route == "onednn" else "")
 
     @property
