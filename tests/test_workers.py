@@ -67,6 +67,12 @@ def n_state(ts, *states) -> int:
     return sum(t.state in states for t in ts)
 
 
+def training(t) -> bool:
+    """Mid-trial: its parameters are drawn (run_config is stored right after). A signal before that stops a trial
+    with no parameters, whose retry draws new ones: a slow start (one core per test) made that a race."""
+    return t.state == TrialState.RUNNING and "worker" in t.user_attrs and run_config_of(t) is not None
+
+
 # Each storage kind's gate is covered once by a kill -9 multi-process test, to keep the suite's time: SQLite
 # (file lock) in both, PostgreSQL here, MariaDB in the ablation one (and both servers in tests/test_faults.py).
 @pytest.mark.parametrize("storage_url", ["sqlite", "postgresql"], indirect=True)
@@ -78,9 +84,6 @@ def test_independent_commands_with_workers_share_a_new_storage(tmp_path, tiny_sy
     args = ("search", str(study), "--data", str(tiny_synthetic), "--storage", storage_url, "--n-trials", "6",
             "--workers", "2")
     procs = [start(*args, cwd=tmp_path) for _ in range(2)]
-    def training(t) -> bool:  # mid-trial: its parameters are drawn (run_config is stored right after)
-        return t.state == TrialState.RUNNING and "worker" in t.user_attrs and run_config_of(t) is not None
-
     running = wait_for(lambda ts: any(training(t) for t in ts), "par", storage_url)
     victim = next(t for t in running if training(t))
     os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
@@ -108,7 +111,7 @@ def test_sigint_and_sigterm_stop_cleanly_and_the_rerun_retries(tmp_path, tiny_sy
     url = f"sqlite:///{tmp_path / 'sig.db'}"
     args = ("search", str(study), "--data", str(tiny_synthetic), "--n-trials", "2")
     proc = start(*args, cwd=tmp_path)
-    wait_for(lambda ts: n_state(ts, TrialState.RUNNING) == int(workers), "sig", url)
+    wait_for(lambda ts: sum(map(training, ts)) == int(workers), "sig", url)
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
@@ -122,7 +125,7 @@ def test_sigint_and_sigterm_stop_cleanly_and_the_rerun_retries(tmp_path, tiny_sy
         return
     # The rerun (a shorter study would be refused as a changed budget) queues each interrupted trial once.
     rerun = start(*args, cwd=tmp_path)
-    wait_for(lambda ts: n_state(ts, TrialState.RUNNING) == 2, "sig", url)
+    wait_for(lambda ts: sum(map(training, ts)) == 2, "sig", url)
     rerun.send_signal(signal.SIGINT)
     rerun.communicate(timeout=60)
     after = trials("sig", url)
