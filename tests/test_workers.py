@@ -145,8 +145,8 @@ stats = { pooling = "stats" }
     url = storage_url  # SQLite, PostgreSQL and MariaDB: the retried cell keeps its seed attr on each
     args = ("ablate", str(study), "--data", str(tiny_synthetic), "--workers", "2", "--storage", url)
     proc = start(*args, cwd=tmp_path)
-    running = wait_for(lambda ts: n_state(ts, TrialState.RUNNING) == 2, "abl", url)
-    victim = next(t for t in running if t.state == TrialState.RUNNING)
+    running = wait_for(lambda ts: sum(map(training, ts)) == 2, "abl", url)
+    victim = next(t for t in running if training(t))
     os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)  # kill -9 one worker mid-cell
     out, err = proc.communicate(timeout=300)  # the other worker waits out the grace period and reruns the cell
     assert proc.returncode == 0, err + out
