@@ -1,16 +1,14 @@
 """train.precision: what a run computes in, decided once per machine from a measurement, never assumed.
 
 On CPU the same fp32 maths has two matmul routes: torch's default GEMM, and oneDNN's (taken when
-`torch.backends.mkldnn.matmul.fp32_precision = "bf16"`). Which is faster, and whether oneDNN then really
-computes in fp32, depends on the CPU: on AMD AVX-512 parts it is fp32 and 1.1x (Zen 4) to 1.8x faster; on
-Intel parts with AMX it computes in bf16. bf16 autocast is ~2-3x faster where bf16 is native and ~50x slower
-where it is not. So
-`auto` times a small training block at the model's shapes through each route, measures each matmul's error
-against float64, and takes oneDNN's where its error is fp32-level and it is >= 1.25x faster; bf16 only where it
-is >= 1.5x faster than that fp32 route (its steps are not even timed where its matmuls are far slower). The
-result is cached per machine, torch version, threads and shape, so only a machine's first run pays the probe
-(about a second). On CUDA, `auto` keeps the old behaviour: autocast (bf16 where the GPU has it, else fp16)
-unless train.amp = false.
+`torch.backends.mkldnn.matmul.fp32_precision = "bf16"`). Which is faster, and whether oneDNN then really computes
+in fp32, depends on the CPU: on AMD AVX-512 parts it is fp32 and 1.1x (Zen 4) to 1.8x faster; on Intel parts with
+AMX it computes in bf16. bf16 autocast is ~2-3x faster where bf16 is native and ~50x slower where it is not. So
+`auto` times a small training block at the model's shapes through each route, measures each matmul's error against
+float64, and takes oneDNN's where its error is fp32-level and it is >= 1.25x faster; bf16 only where it is >= 1.5x
+faster than that fp32 route (its steps are not even timed where its matmuls are far slower). The result is cached
+per machine, torch version, threads and shape, so only a machine's first run pays the probe (about a second). On
+CUDA, `auto` keeps the old behaviour: autocast (bf16 where the GPU has it, else fp16) unless train.amp = false.
 """
 from __future__ import annotations
 

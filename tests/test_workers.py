@@ -8,6 +8,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from search.attrs import run_config_of
@@ -187,3 +188,12 @@ stats = { pooling = "stats" }
     assert retry.user_attrs.get("resumed_from_step", 0) > 0  # from the interrupted cell's latest checkpoint
     report = cli("report", str(study), "--format", "md", cwd=tmp_path)
     assert "| baseline" in report.stdout
+
+
+def test_this_test_process_uses_no_more_torch_threads_than_it_has_cores():
+    """make test runs one test process per core (tests/conftest.py pins each): torch's thread pool must shrink to
+    that share, or in-process training oversubscribes its core (2 threads on 1 core ran 60x slower)."""
+    cores = os.sched_getaffinity(0)
+    assert torch.get_num_threads() <= len(cores)
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        assert len(cores) < os.cpu_count() or os.cpu_count() == 1  # a share, not every core
